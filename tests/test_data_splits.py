@@ -1,0 +1,150 @@
+"""Semi-supervised splits: the documented rule, determinism, disjointness, rounding, explicit split files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data.splits import make_split, select_labeled, split_from_file
+
+
+def _write_train(path, ids):
+    coco = {"info": {"description": "fixture"}, "categories": [{"id": 5, "name": "thing"}],
+            "images": [{"id": i, "file_name": f"{i}.png", "width": 8, "height": 8} for i in ids],
+            "annotations": [{"id": k + 1, "image_id": i, "category_id": 5, "bbox": [0, 0, 2, 2], "iscrowd": 0}
+                            for k, i in enumerate(i for i in ids for _ in range(i % 3))]}  # 0-2 per image
+    path.write_text(json.dumps(coco))
+    return coco
+
+
+@pytest.fixture
+def train(tmp_path):
+    ids = [int(i) for i in np.random.default_rng(123).choice(10_000, size=37, replace=False)]
+    path = tmp_path / "instances_train2017.json"
+    return path, _write_train(path, ids), sorted(ids)
+
+
+def _ids(path):
+    return [image["id"] for image in json.loads(path.read_text())["images"]]
+
+
+def test_rule_is_the_documented_one(train, tmp_path):
+    path, _, ids = train
+    labeled_json, unlabeled_json = make_split(path, percent=10, fold=1, out_dir=tmp_path / "splits")
+    assert labeled_json.name == "instances_train2017.1@10.json"
+    assert unlabeled_json.name == "instances_train2017.1@10-unlabeled.json"
+    expected = sorted(np.array(ids)[np.random.default_rng(1).choice(37, size=round(3.7), replace=False)].tolist())
+    assert _ids(labeled_json) == expected
+
+
+def test_split_is_deterministic_disjoint_and_complete(train, tmp_path):
+    path, coco, ids = train
+    a = make_split(path, percent=25, fold=2, out_dir=tmp_path / "a")
+    b = make_split(path, percent=25, fold=2, out_dir=tmp_path / "b")
+    assert a.labeled_json.read_bytes() == b.labeled_json.read_bytes()
+    assert a.unlabeled_json.read_bytes() == b.unlabeled_json.read_bytes()
+    labeled, unlabeled = _ids(a.labeled_json), _ids(a.unlabeled_json)
+    assert not set(labeled) & set(unlabeled)
+    assert sorted(labeled + unlabeled) == ids
+    assert labeled == sorted(labeled) and unlabeled == sorted(unlabeled)
+    other_fold = make_split(path, percent=25, fold=3, out_dir=tmp_path / "a")
+    assert _ids(other_fold.labeled_json) != labeled
+
+    # Annotations follow their images; the unlabeled part keeps its (hidden) annotations.
+    for part in a:
+        content = json.loads(part.read_text())
+        kept = set(_ids(part))
+        assert content["categories"] == coco["categories"]
+        assert [x for x in coco["annotations"] if x["image_id"] in kept] == content["annotations"]
+
+
+@pytest.mark.parametrize("num_images, percent, expected", [
+    (37, 10, 4),     # 3.7 -> 4
+    (10, 25, 2),     # 2.5 -> 2: Python's round, ties to even
+    (10, 35, 4),     # 3.5 -> 4
+    (37, 0.1, 1),    # 0.037 -> at least one labeled image
+    (37, 100, 37),   # fully supervised: nothing unlabeled
+])
+def test_percent_rounding(num_images, percent, expected):
+    labeled = select_labeled(list(range(100, 100 + num_images)), percent=percent, fold=1)
+    assert len(labeled) == len(set(labeled)) == expected
+
+
+def test_select_labeled_ignores_input_order_and_rejects_bad_percent():
+    ids = list(range(50))
+    assert select_labeled(ids, percent=20, fold=4) == select_labeled(ids[::-1], percent=20, fold=4)
+    with pytest.raises(ValueError, match="percent"):
+        select_labeled(ids, percent=0, fold=1)
+    with pytest.raises(ValueError, match="empty"):
+        select_labeled([], percent=10, fold=1)
+
+
+def test_hundred_percent_and_built_in_names(tmp_path):
+    path = tmp_path / "train.json"
+    _write_train(path, [1, 2, 3])
+    labeled_json, unlabeled_json = make_split(path, percent=100, fold=1, out_dir=tmp_path)
+    assert labeled_json.name == "train.1@100.json" and unlabeled_json.name == "train.1@100-unlabeled.json"
+    assert _ids(labeled_json) == [1, 2, 3] and _ids(unlabeled_json) == []
+    assert make_split(path, percent=0.5, fold=2, out_dir=tmp_path).labeled_json.name == "train.2@0.5.json"
+
+
+def test_reused_when_identical_and_rewritten_when_the_source_changes(train, tmp_path):
+    path, _, ids = train
+    first = make_split(path, percent=10, fold=1, out_dir=tmp_path / "s")
+    stamp = first.labeled_json.stat().st_mtime_ns
+    assert make_split(path, percent=10.0, fold=1, out_dir=tmp_path / "s") == first
+    assert first.labeled_json.stat().st_mtime_ns == stamp
+    _write_train(path, ids[:20])  # a different training set under the same name
+    again = make_split(path, percent=10, fold=1, out_dir=tmp_path / "s")
+    assert set(_ids(again.labeled_json)) | set(_ids(again.unlabeled_json)) == set(ids[:20])
+    assert not list((tmp_path / "s").glob(".*.tmp"))  # no temporary left behind
+
+
+def test_explicit_list_of_ids(train, tmp_path):
+    path, _, ids = train
+    split_file = tmp_path / "my_split.json"
+    split_file.write_text(json.dumps([ids[5], ids[0], ids[9]]))
+    labeled_json, unlabeled_json = split_from_file(path, split_file=split_file, out_dir=tmp_path / "out")
+    assert labeled_json.name == "instances_train2017.my_split.json"
+    assert unlabeled_json.name == "instances_train2017.my_split-unlabeled.json"
+    assert _ids(labeled_json) == sorted([ids[0], ids[5], ids[9]])
+    assert sorted(_ids(labeled_json) + _ids(unlabeled_json)) == ids
+
+    split_file.write_text(json.dumps([ids[0], 999_999]))
+    with pytest.raises(ValueError, match="my_split.json: 1 image ids are not in the training set"):
+        split_from_file(path, split_file=split_file, out_dir=tmp_path / "out")
+    split_file.write_text(json.dumps([ids[0], ids[0]]))
+    with pytest.raises(ValueError, match="more than once"):
+        split_from_file(path, split_file=split_file, out_dir=tmp_path / "out")
+
+
+def test_peers_format_indices_into_sorted_ids(train, tmp_path):
+    path, _, ids = train
+    split_file = tmp_path / "COCO_supervision.json"
+    split_file.write_text(json.dumps({"1.0": {"0": [3]}, "10.0": {"0": [0, 36, 4], "1": [1, 2, 3, 5]}}))
+    labeled_json, unlabeled_json = split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=10, fold=1)
+    assert labeled_json.name == "instances_train2017.COCO_supervision.1@10.json"
+    assert _ids(labeled_json) == [ids[1], ids[2], ids[3], ids[5]]
+    fold0 = split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=10.0, fold=0)
+    assert _ids(fold0.labeled_json) == [ids[0], ids[4], ids[36]]
+    assert len(_ids(fold0.unlabeled_json)) == 34
+
+    with pytest.raises(ValueError, match="needs `percent` and `fold`"):
+        split_from_file(path, split_file=split_file, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="no list for percent 5"):
+        split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=5, fold=0)
+    with pytest.raises(ValueError, match="no list for fold 7"):
+        split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=1, fold=7)
+    split_file.write_text(json.dumps({"10": {"0": [0, 37]}}))
+    with pytest.raises(ValueError, match=r"COCO_supervision.json: indices must be integers in \[0, 37\)"):
+        split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=10, fold=0)
+
+
+def test_bad_split_file(train, tmp_path):
+    path, _, _ = train
+    split_file = tmp_path / "bad.json"
+    split_file.write_text('"labeled"')
+    with pytest.raises(ValueError, match="bad.json: expected a JSON list of image ids"):
+        split_from_file(path, split_file=split_file, out_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        split_from_file(path, split_file=tmp_path / "nothing.json", out_dir=tmp_path)
