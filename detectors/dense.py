@@ -1,0 +1,116 @@
+"""What the two dense (one-stage) detectors, FCOS and RetinaNet, share: their output format, the head-to-rows
+reshape, ground-truth padding for batched target assignment, and the candidate selection + NMS of their
+postprocessors.
+
+Rows. A dense head predicts K numbers for each of A anchors at each location of each level. The model returns
+them per level as (B, H_l*W_l*A, K), rows ordered (y, x, anchor) like the anchors of `AnchorGenerator`, so that
+row i of every tensor of a level belongs to anchor i of that level.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from detectors.box_ops import clip_boxes
+
+
+@dataclass
+class DenseOutput:
+    """Raw outputs of a dense detector for a batch of B images (lists run over pyramid levels, finest first).
+
+    cls_logits   list of (B, H_l*W_l*A, C)    class logits (sigmoid per class, no background logit)
+    box_reg      list of (B, H_l*W_l*A, 4)    RetinaNet: deltas (dx, dy, dw, dh) of BoxCoder(1, 1, 1, 1);
+                                              FCOS: distances (l, t, r, b) / stride, >= 0
+    quality      list of (B, H_l*W_l*A, 1) or None   FCOS centerness / IoU logits; None for RetinaNet
+    anchors      list of (H_l*W_l*A, 4)       xyxy pixels on the padded canvas, the same for every image
+    strides      list[int]                    stride of each level in pixels
+    shapes       list[(H_l, W_l)]             feature-map size of each level
+    num_anchors_per_location   int            A (1 for FCOS, 9 for RetinaNet)
+    """
+
+    cls_logits: list[Tensor]
+    box_reg: list[Tensor]
+    quality: list[Tensor] | None
+    anchors: list[Tensor]
+    strides: list[int]
+    shapes: list[tuple[int, int]]
+    num_anchors_per_location: int
+
+
+def conv_tower(channels: int, num_convs: int, norm_groups: int) -> nn.Sequential:
+    """num_convs x [3x3 conv, GroupNorm(norm_groups), ReLU] (norm_groups = 0: no normalisation)."""
+    layers = []
+    for _ in range(num_convs):
+        layers.append(nn.Conv2d(channels, channels, kernel_size=3, padding=1))
+        if norm_groups:
+            layers.append(nn.GroupNorm(norm_groups, channels))
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def to_rows(x: Tensor, K: int) -> Tensor:
+    """A head's map (B, A*K, H, W) -> (B, A, K, H, W) -> (B, H, W, A, K) -> rows (B, H*W*A, K)."""
+    B, _, H, W = x.shape
+    return x.view(B, -1, K, H, W).permute(0, 3, 4, 1, 2).reshape(B, -1, K)
+
+
+def pad_boxes(targets: list[dict], key: str, *, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    """Stack the B images' boxes under `key` into one padded tensor for batched target assignment.
+
+    Returns boxes (B, G, 4) xyxy (G = the most boxes of any image; padding rows are zeros) and valid bool
+    (B, G). A missing key counts as no boxes (e.g. no "crowd").
+    """
+    B = len(targets)
+    counts = [0 if t.get(key) is None else t[key].shape[0] for t in targets]
+    boxes = torch.zeros(B, max(counts, default=0), 4, dtype=dtype, device=device)
+    valid = torch.zeros(B, boxes.shape[1], dtype=torch.bool, device=device)
+    for i, (target, n) in enumerate(zip(targets, counts)):
+        if n:
+            boxes[i, :n] = target[key].to(device=device, dtype=dtype).reshape(n, 4)
+            valid[i, :n] = True
+    return boxes, valid
+
+
+def pad_labels(targets: list[dict], G: int, *, device) -> Tensor:
+    """The B images' "labels" -> int64 (B, G), padding rows -1 (G as returned by `pad_boxes`)."""
+    labels = torch.full((len(targets), G), -1, dtype=torch.int64, device=device)
+    for i, target in enumerate(targets):
+        labels[i, :target["labels"].shape[0]] = target["labels"].to(device)
+    return labels
+
+
+def top_candidates(scores: Tensor, *, score_thresh: float, topk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The `topk` highest (anchor, class) scores of each image above `score_thresh`, for one level.
+
+    Args:
+        scores: (B, N_l, C) detection scores in [0, 1].
+    Returns:
+        top_scores (B, k), anchor_index int64 (B, k), label int64 (B, k), keep bool (B, k) with
+        k = min(topk, N_l * C); `keep` is False for the slots that did not pass the threshold.
+    """
+    B, N, C = scores.shape
+    flat = scores.reshape(B, N * C)  # (B, N_l, C) -> (B, N_l*C), index = anchor * C + class
+    flat = flat.masked_fill(flat <= score_thresh, -1.0)  # below threshold: never ahead of a kept score
+    top_scores, index = flat.topk(min(topk, N * C), dim=1)  # (B, k) each
+    return top_scores, index // C, index % C, top_scores > score_thresh
+
+
+def nms_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, *, image_sizes: Tensor,
+                  nms_thresh: float, detections_per_image: int) -> list[dict[str, Tensor]]:
+    """Clip the candidates to their image, run class-wise NMS per image, keep the best `detections_per_image`.
+
+    Args:
+        boxes: (B, K, 4) xyxy candidates of all levels; scores (B, K); labels int64 (B, K); keep bool (B, K).
+        image_sizes: int (B, 2) (h, w) of the valid region of each image.
+    Returns:
+        B dicts {"boxes" (D_i, 4), "scores" (D_i,), "labels" int64 (D_i,)}, by decreasing score.
+    """
+    boxes = clip_boxes(boxes, image_sizes)  # (B, K, 4)
+    detections = []
+    for b in range(boxes.shape[0]):  # images keep different numbers of boxes: NMS runs per image
+        k_boxes, k_scores, k_labels = boxes[b][keep[b]], scores[b][keep[b]], labels[b][keep[b]]
+        chosen = batched_nms(k_boxes, k_scores, k_labels, nms_thresh)[:detections_per_image]
+        detections.append({"boxes": k_boxes[chosen], "scores": k_scores[chosen], "labels": k_labels[chosen]})
+    return detections
