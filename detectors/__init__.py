@@ -62,7 +62,8 @@ def is_dense(detector: Detector) -> bool:
     return isinstance(detector.model, (FCOS, RetinaNet))
 
 
-def supervised_losses(detector: Detector, images: Tensor, image_sizes: Tensor, targets: list[dict]) -> dict[str, Tensor]:
+def supervised_losses(detector: Detector, images: Tensor, image_sizes: Tensor,
+                      targets: list[dict]) -> dict[str, Tensor]:
     """One supervised forward pass.
 
     Args:

@@ -120,7 +120,8 @@ class FPN(nn.Module):
                  p6p7_from: str = "p5"):
         super().__init__()
         if extra_blocks not in ("p6p7", "maxpool", None):
-            raise ValueError(f"detectors/backbone.py: extra_blocks must be 'p6p7', 'maxpool' or None, got {extra_blocks!r}")
+            raise ValueError(f"detectors/backbone.py: extra_blocks must be 'p6p7', 'maxpool' or None, "
+                             f"got {extra_blocks!r}")
         if p6p7_from not in ("p5", "c5"):
             raise ValueError(f"detectors/backbone.py: p6p7_from must be 'p5' or 'c5', got {p6p7_from!r}")
         self.extra_blocks, self.p6p7_from = extra_blocks, p6p7_from

@@ -160,7 +160,10 @@ def box_ioa(boxes: Tensor, regions: Tensor) -> Tensor:
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise GIoU (Rezatofighi et al. 2019, Alg. 1). boxes1 (..., N, 4), boxes2 (..., M, 4) -> (..., N, M) in [-1, 1]."""
+    """Pairwise GIoU (Rezatofighi et al. 2019, Alg. 1).
+
+    boxes1 (..., N, 4), boxes2 (..., M, 4) xyxy -> (..., N, M) in [-1, 1].
+    """
     inter = _pairwise_intersection(boxes1, boxes2)
     union = box_area(boxes1)[..., :, None] + box_area(boxes2)[..., None, :] - inter
     top_left = torch.minimum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])

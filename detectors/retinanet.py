@@ -87,8 +87,9 @@ class RetinaNetHead(nn.Module):
         box deltas per level (B, H_l*W_l*A, 4))."""
         cls_logits, box_reg = [], []
         for x in features:
-            cls_logits.append(to_rows(self.cls_logits(self.cls_tower(x)), self.num_classes))  # (B, A*C, H, W) -> (B, HWA, C)
-            box_reg.append(to_rows(self.box_reg(self.box_tower(x)), 4))  # (B, A*4, H, W) -> (B, HWA, 4)
+            # (B, A*C, H, W) -> (B, HWA, C) and (B, A*4, H, W) -> (B, HWA, 4)
+            cls_logits.append(to_rows(self.cls_logits(self.cls_tower(x)), self.num_classes))
+            box_reg.append(to_rows(self.box_reg(self.box_tower(x)), 4))
         return cls_logits, box_reg
 
 

@@ -321,7 +321,8 @@ def test_backbone_key_map():
 
 def test_frozen_batchnorm_and_stages():
     body = build_resnet("resnet18", frozen_stages=1, frozen_bn=True)
-    assert isinstance(body.bn1, FrozenBatchNorm2d) and not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+    assert isinstance(body.bn1, FrozenBatchNorm2d)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
     assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
     assert body.layer2[0].conv1.weight.requires_grad
     scratch = build_resnet_fpn("resnet18", out_channels=32)  # no weights: everything trains, BatchNorm learns
@@ -347,3 +348,43 @@ def test_load_backbone_weights(tmp_path):
         load_backbone_weights(build_resnet("resnet18"), wrong)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_backbone_weights(build_resnet("resnet18"), tmp_path / "missing.pth")
+
+
+# --------------------------------------------------------------------------------------------------------
+# build_detector / supervised_losses / predict
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, keys", [
+    ("fcos", {"loss_cls", "loss_box", "loss_quality"}),
+    ("retinanet", {"loss_cls", "loss_box"}),
+    ("faster_rcnn", {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}),
+])
+def test_every_detector_through_the_common_wiring(name, keys):
+    from detectors import build_detector, predict, supervised_losses
+
+    detector = build_detector(name, num_classes=3, backbone="resnet18", fpn_channels=32,
+                              **({"norm_groups": 16} if name == "fcos" else {}))
+    images, sizes = torch.rand(2, 3, 64, 96), torch.tensor([[64, 96], [50, 60]])
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([2]),
+                "crowd": torch.zeros(0, 4)},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "crowd": torch.zeros(0, 4)}]
+    detector.model.train()
+    losses = supervised_losses(detector, images, sizes, targets)
+    assert set(losses) == keys and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    detector.model.eval()
+    detections = predict(detector, images, sizes)
+    assert len(detections) == 2
+    for d, (h, w) in zip(detections, sizes.tolist()):
+        assert set(d) == {"boxes", "scores", "labels"} and d["boxes"].shape[1] == 4
+        assert (d["boxes"][:, 2] <= w).all() and (d["boxes"][:, 3] <= h).all()
+
+
+def test_build_detector_rejects_unknown_names():
+    from detectors import build_detector
+
+    with pytest.raises(ValueError, match="unknown detector"):
+        build_detector("yolo", num_classes=3)
+    with pytest.raises(ValueError, match="trainable_layers"):
+        build_detector("fcos", num_classes=3, trainable_layers=6)

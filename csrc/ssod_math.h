@@ -1,0 +1,306 @@
+// Per-element math of the fused ops, shared by the CPU and the CUDA kernels.
+//
+// Everything here is an inline __host__ __device__ function of scalars (or of one row), free of branches
+// that would stop a compiler from vectorising the CPU loops that call it, so the CPU tests exercise the
+// same formulas the GPU runs. float32 uses its own exp / log1p (a range reduction and a polynomial, within
+// about one ulp) because the C library's are calls the vectoriser cannot inline; float64 uses the C library.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define SSOD_HD __host__ __device__ __forceinline__
+#else
+#define SSOD_HD inline __attribute__((always_inline))
+#endif
+
+// On the CPU, the reductions over a row are vectorised too (`omp simd`; the order is then fixed by the
+// vector width of the build, so results stay deterministic). Device code ignores them.
+#define SSOD_PRAGMA(x) _Pragma(#x)
+#if defined(__CUDA_ARCH__)
+#define SSOD_SIMD_REDUCE(op, ...)
+#else
+#define SSOD_SIMD_REDUCE(op, ...) SSOD_PRAGMA(omp simd reduction(op : __VA_ARGS__))
+#endif
+
+namespace ssod {
+
+// ---------------------------------------------------------------------------------------------------------
+// Elementary functions
+// ---------------------------------------------------------------------------------------------------------
+
+SSOD_HD float bits_to_float(int32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+SSOD_HD uint32_t float_to_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint32_t>(__float_as_int(x));
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+SSOD_HD uint64_t double_to_bits(double x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  uint64_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+template <typename T>
+SSOD_HD T max0(T x) {
+  return x > T(0) ? x : T(0);
+}
+
+// exp(x) for x <= 0. Below -87.3 (where float32 leaves the normal range) it returns 2^-126 instead of a
+// denormal or zero, which no caller can tell apart from 0.
+SSOD_HD float exp_nonpositive(float x) {
+  // Flat selects, not nested ones, so the loops calling this if-convert (and vectorise).
+  x = x > 0.0f ? 0.0f : x;
+  x = x < -87.3f ? -87.3f : x;
+  // x = n ln2 + r with |r| <= ln2 / 2; adding and subtracting 1.5 * 2^23 rounds to the nearest integer;
+  // ln2 is split in two so that n * ln2_hi is exact.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  // e^r = 1 + r + r^2 P(r), P the degree-5 minimax polynomial of the Cephes library (error ~1 ulp).
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e_r = p * (r * r) + r + 1.0f;
+  return e_r * bits_to_float((static_cast<int32_t>(n) + 127) << 23);  // times 2^n
+}
+
+SSOD_HD double exp_nonpositive(double x) {
+  return exp(x);
+}
+
+// log(1 + a) for a in (-0.5, 1]. With 1 + a = 2^k m, m in [sqrt(1/2), sqrt(2)] and x = m - 1 formed from
+// a without rounding 1 + a (so small a keep full relative precision), log(1 + a) = k ln2 + log(1 + x),
+// log(1 + x) = x - x^2 / 2 + x^3 P(x), P the degree-8 minimax polynomial of the Cephes library. No division.
+SSOD_HD float log1p_small(float a) {
+  const bool high = a > 0.41421356f;    // 1 + a > sqrt(2): m = (1 + a) / 2
+  const bool low = a < -0.29289322f;    // 1 + a < sqrt(1/2): m = 2 (1 + a)
+  // x and k ln 2 of each range, all computed, then selected without branches.
+  const float x_high = (a - 1.0f) * 0.5f;
+  const float x_low = 2.0f * a + 1.0f;
+  float x = low ? x_low : a;
+  x = high ? x_high : x;
+  float k_ln2 = low ? -0.693147180559945f : 0.0f;
+  k_ln2 = high ? 0.693147180559945f : k_ln2;
+  float p = 7.0376836292e-2f;
+  p = p * x - 1.1514610310e-1f;
+  p = p * x + 1.1676998740e-1f;
+  p = p * x - 1.2420140846e-1f;
+  p = p * x + 1.4249322787e-1f;
+  p = p * x - 1.6668057665e-1f;
+  p = p * x + 2.0000714765e-1f;
+  p = p * x - 2.4999993993e-1f;
+  p = p * x + 3.3333331174e-1f;
+  const float x2 = x * x;
+  return k_ln2 + (x + (p * x * x2 - 0.5f * x2));
+}
+
+SSOD_HD double log1p_small(double a) {
+  return log1p(a);
+}
+
+SSOD_HD float exp_any(float x) {
+  return expf(x);
+}
+
+SSOD_HD double exp_any(double x) {
+  return exp(x);
+}
+
+SSOD_HD float log_any(float x) {
+  return logf(x);
+}
+
+SSOD_HD double log_any(double x) {
+  return log(x);
+}
+
+SSOD_HD float sqrt_any(float x) {
+  return sqrtf(x);
+}
+
+SSOD_HD double sqrt_any(double x) {
+  return sqrt(x);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// ghm_kl: SED Eq. 5
+// ---------------------------------------------------------------------------------------------------------
+
+// 1 / a and 1 / b with one division (a, b in [1, 2], so a * b cannot overflow); divisions are the slowest
+// vector instructions of these loops.
+template <typename T>
+SSOD_HD void two_reciprocals(T a, T b, T& inv_a, T& inv_b) {
+  const T inv_ab = T(1) / (a * b);
+  inv_a = b * inv_ab;
+  inv_b = a * inv_ab;
+}
+
+// The bin of a gradient norm g in [0, 1] among `bins` equal bins; g >= 1 goes to the last.
+template <typename T>
+SSOD_HD int32_t gradient_bin(T g, int32_t bins) {
+  const int32_t b = static_cast<int32_t>(g * static_cast<T>(bins));
+  return b < bins - 1 ? b : bins - 1;
+}
+
+// Binary KL(teacher || student) of one element from its logits s (student) and t (teacher), and the
+// gradient norm g = |p_s - p_t| = |dKL / ds|. With e = exp(-|x|), softplus(x) = max(x, 0) + log1p(e), and
+//   KL = p_t (softplus(-s) - softplus(-t)) + q_t (softplus(s) - softplus(t))
+//      = L + p_t (max(-s, 0) - max(-t, 0)) + q_t (max(s, 0) - max(t, 0)),
+// L = log1p(e_s) - log1p(e_t) = log1p((e_s - e_t) / (1 + e_t)): one logarithm, accurate when s ~ t.
+template <typename T>
+SSOD_HD void bernoulli_kl(T s, T t, T& kl, T& g) {
+  const T es = exp_nonpositive(-(s < T(0) ? -s : s));
+  const T et = exp_nonpositive(-(t < T(0) ? -t : t));
+  T rs, rt;
+  two_reciprocals(T(1) + es, T(1) + et, rs, rt);
+  const T ps = s >= T(0) ? rs : es * rs;
+  const T pt = t >= T(0) ? rt : et * rt;
+  const T qt = t >= T(0) ? et * rt : rt;  // 1 - p_t without cancellation
+  const T log_ratio = log1p_small((es - et) * rt);
+  kl = log_ratio + pt * (max0(-s) - max0(-t)) + qt * (max0(s) - max0(t));
+  const T d = ps - pt;
+  g = d < T(0) ? -d : d;
+}
+
+// dKL / ds of one element: p_s - p_t (and g = |p_s - p_t| to find its bin).
+template <typename T>
+SSOD_HD T bernoulli_kl_grad(T s, T t, T& g) {
+  const T es = exp_nonpositive(-(s < T(0) ? -s : s));
+  const T et = exp_nonpositive(-(t < T(0) ? -t : t));
+  T rs, rt;
+  two_reciprocals(T(1) + es, T(1) + et, rs, rt);
+  const T ps = s >= T(0) ? rs : es * rs;
+  const T pt = t >= T(0) ? rt : et * rt;
+  const T d = ps - pt;
+  g = d < T(0) ? -d : d;
+  return d;
+}
+
+// Maximum m and normaliser z = sum_c exp(x_c - m) of one row of C logits (stride 1): the softmax is
+// exp(x_c - m) / z and its log (x_c - m) - log z, formed as torch forms them.
+template <typename T>
+SSOD_HD void row_softmax_stats(const T* x, int64_t C, T& m, T& z) {
+  T row_max = x[0];
+  SSOD_SIMD_REDUCE(max, row_max)
+  for (int64_t c = 1; c < C; ++c) row_max = x[c] > row_max ? x[c] : row_max;
+  T sum = T(0);
+  SSOD_SIMD_REDUCE(+, sum)
+  for (int64_t c = 0; c < C; ++c) sum += exp_nonpositive(x[c] - row_max);
+  m = row_max;
+  z = sum;
+}
+
+// Per-row softmax constants: p_c = exp(x_c - max) * inv_z, log p_c = x_c - max - log_z.
+template <typename T>
+struct SoftmaxRow {
+  T max, inv_z, log_z;
+};
+
+template <typename T>
+SSOD_HD SoftmaxRow<T> softmax_row(const T* x, int64_t C) {
+  T m, z;
+  row_softmax_stats(x, C, m, z);
+  return {m, T(1) / z, log_any(z)};
+}
+
+// C-way KL(teacher || student) of one row, g = 0.5 sum_c |p_s,c - p_t,c|, and the softmax constants of
+// both rows (the backward needs p_s,c and p_t,c).
+template <typename T>
+SSOD_HD void softmax_kl_row(const T* s, const T* t, int64_t C, T& kl, T& g, SoftmaxRow<T>& rs, SoftmaxRow<T>& rt) {
+  rs = softmax_row(s, C);
+  rt = softmax_row(t, C);
+  T acc_kl = T(0), acc_g = T(0);
+  SSOD_SIMD_REDUCE(+, acc_kl, acc_g)
+  for (int64_t c = 0; c < C; ++c) {
+    const T ps = exp_nonpositive(s[c] - rs.max) * rs.inv_z;
+    const T pt = exp_nonpositive(t[c] - rt.max) * rt.inv_z;
+    const T log_ps = (s[c] - rs.max) - rs.log_z;
+    const T log_pt = (t[c] - rt.max) - rt.log_z;
+    const T d = ps - pt;
+    acc_kl += pt * (log_pt - log_ps);
+    acc_g += d < T(0) ? -d : d;
+  }
+  kl = acc_kl;
+  g = T(0.5) * acc_g;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// jitter / refine: Soft Teacher Sec. 3.3
+// ---------------------------------------------------------------------------------------------------------
+
+// The side a coordinate moves along (w for x1, x2; h for y1, y2), clamped to >= 1.
+template <typename T>
+SSOD_HD T box_side(const T* box, int c) {
+  const T side = (c % 2 == 0) ? box[2] - box[0] : box[3] - box[1];
+  return side > T(1) ? side : T(1);
+}
+
+// Faster R-CNN decoding of deltas (dx, dy, dw, dh) against a box, xyxy out.
+template <typename T>
+SSOD_HD void decode_box(const T* delta, const T* box, const T* weights, T clip, T* out) {
+  const T w = box[2] - box[0];
+  const T h = box[3] - box[1];
+  const T cx = box[0] + T(0.5) * w;
+  const T cy = box[1] + T(0.5) * h;
+  const T dx = delta[0] / weights[0];
+  const T dy = delta[1] / weights[1];
+  T dw = delta[2] / weights[2];
+  T dh = delta[3] / weights[3];
+  dw = dw < clip ? dw : clip;
+  dh = dh < clip ? dh : clip;
+  const T pcx = dx * w + cx;
+  const T pcy = dy * h + cy;
+  const T pw = exp_any(dw) * w;
+  const T ph = exp_any(dh) * h;
+  out[0] = pcx - T(0.5) * pw;
+  out[1] = pcy - T(0.5) * ph;
+  out[2] = pcx + T(0.5) * pw;
+  out[3] = pcy + T(0.5) * ph;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// frs_topk_mask: Dense Teacher Eq. 3-4
+// ---------------------------------------------------------------------------------------------------------
+
+// Unsigned keys whose order is the order of the floats (for non-NaN input); -0 and +0 share a key.
+SSOD_HD uint32_t ordered_key(float x) {
+  const uint32_t bits = float_to_bits(x + 0.0f);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+SSOD_HD uint64_t ordered_key(double x) {
+  const uint64_t bits = double_to_bits(x + 0.0);
+  return (bits & 0x8000000000000000ull) ? ~bits : (bits | 0x8000000000000000ull);
+}
+
+template <typename T>
+SSOD_HD T sigmoid(T x) {
+  const T e = exp_nonpositive(-(x < T(0) ? -x : x));
+  const T r = T(1) / (T(1) + e);
+  return x >= T(0) ? r : e * r;
+}
+
+}  // namespace ssod

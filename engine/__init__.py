@@ -1,0 +1,1 @@
+"""Run machinery without method logic: config presets, checkpoints, COCO evaluation, logging, drawing."""

@@ -1,0 +1,371 @@
+"""Every setting of a run in one dataclass, with a preset per dataset and a `--flag` per field.
+
+    cfg = parse_config(sys.argv[1:])      # preset of the dataset (and method) <- command-line overrides
+
+How a value is chosen, last wins:
+  1. the field's default below;
+  2. the preset of the dataset: `builtin` (this 2-core CPU) or `coco` / `custom` (the papers' COCO schedules),
+     with the entries that depend on the method (which detector the paper used, the labeled:unlabeled ratio,
+     warm-up and LR steps);
+  3. `--flags` on the command line, one per field (`--max-iter 300`, `--train-sizes 112 128 144`,
+     `--method-args unsup_weight=2 jitter_times=5`, `--no-resume`).
+Method hyperparameters (burn-in, thresholds, EMA rate...) live in each method's own config dataclass in
+`semi/`; `method_args` only overrides them, by name.
+
+The resolved config is printed, saved as `config.json` in the run directory and stored in every checkpoint
+as plain values (`to_dict` / `from_dict`), so `evaluate.py` can rebuild the model from a checkpoint alone.
+"""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from data.coco import coco_paths
+from data.synthetic import BuiltinSpec, ensure_builtin
+
+DATASETS = ("builtin", "coco", "custom")
+METHODS = ("supervised", "soft_teacher", "dense_teacher", "sed")
+DETECTORS = ("fcos", "retinanet", "faster_rcnn")
+
+# The detector each paper trains: Soft Teacher and SED on Faster R-CNN, Dense Teacher on FCOS.
+PAPER_DETECTOR = {"supervised": "fcos", "soft_teacher": "faster_rcnn", "dense_teacher": "fcos", "sed": "faster_rcnn"}
+
+
+@dataclass
+class Config:
+    # ---- data ------------------------------------------------------------------------------------------
+    dataset: str = "builtin"  # "builtin" (generated on first use), "coco" (data_root layout), "custom" (paths)
+    data_root: str = ""  # COCO: <root>/annotations/instances_{train,val}2017.json, <root>/{train,val}2017/
+    builtin_dir: str = ""  # parent folder of the generated built-in dataset; empty: data.synthetic's default cache
+    builtin_spec: dict = field(default_factory=dict)  # overrides of data.synthetic.BuiltinSpec, e.g. num_train=2000
+    train_json: str = ""  # explicit paths; override the COCO layout, required for "custom"
+    train_images: str = ""
+    val_json: str = ""
+    val_images: str = ""
+    percent: float = 10.0  # share of the training images that keep their labels; 100 = fully supervised
+    fold: int = 1  # which random split of that share (1..5, seeded per fold)
+    split_file: str = ""  # explicit split file (a list of image ids, or the peers' format) instead of percent / fold
+    split_dir: str = ""  # where the split's JSON files go; empty: <dataset root>/splits (built-in), <output_dir>/splits
+    train_sizes: list[int] = field(default_factory=lambda: [800])  # short side, one drawn per image
+    train_max_size: int = 1333  # cap on the long side
+    test_size: int = 800
+    test_max_size: int = 1333
+    size_divisible: int = 32  # batches are zero-padded to a multiple of this
+    num_workers: int = 0  # data-loading processes; 0 loads in the training process (exact resume)
+
+    # ---- detector --------------------------------------------------------------------------------------
+    detector: str = "fcos"  # "fcos", "retinanet" or "faster_rcnn"
+    backbone: str = "resnet50"  # torchvision ResNet architecture name
+    backbone_weights: str = ""  # path to ImageNet weights; empty: from scratch (trainable BatchNorm)
+    trainable_layers: int = 3  # with pretrained weights: ResNet parts that train (of 5; 3 freezes stem + layer1)
+    fpn_channels: int = 256
+    head_convs: int = 4  # FCOS / RetinaNet: conv layers per head tower
+    anchor_sizes: list[int] = field(default_factory=list)  # base anchor size per FPN level; [] = COCO default
+    fcos_range_multiplier: float = 1.0  # FCOS: scales every size-of-interest bound (COCO: 64, 128, 256, 512)
+    box_head_dim: int = 1024  # Faster R-CNN: width of the two fully connected RoI layers
+    rpn_pre_nms_train: int = 2000  # Faster R-CNN: candidates per level before NMS, training
+    rpn_pre_nms_test: int = 1000  # ... and testing
+    rpn_post_nms_train: int = 2000  # Faster R-CNN: proposals per image kept after NMS, training
+    rpn_post_nms_test: int = 1000  # ... and testing
+    roi_batch_size: int = 512  # Faster R-CNN: RoIs sampled per image for the RoI-head loss
+    roi_canonical_scale: int = 224  # Faster R-CNN: RoI size mapped to P4 by the FPN paper's Eq. 1
+
+    # ---- method ----------------------------------------------------------------------------------------
+    method: str = "supervised"  # "supervised", "soft_teacher", "dense_teacher" or "sed"
+    method_args: dict = field(default_factory=dict)  # overrides of the method's own config, by field name
+
+    # ---- batch: images per iteration (one process; the papers' numbers are their global batches) --------
+    labeled_batch: int = 16
+    unlabeled_batch: int = 0  # 0 for supervised runs
+
+    # ---- optimisation ----------------------------------------------------------------------------------
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001  # the LR starts at lr * warmup_factor and rises linearly
+    schedule: str = "step"  # "step" (x gamma at each milestone) or "cosine" (to 0 at max_iter)
+    milestones: list[float] = field(default_factory=lambda: [2 / 3, 8 / 9])  # fractions of max_iter (120k, 160k of 180k)
+    gamma: float = 0.1
+    max_iter: int = 180_000
+    clip_grad_norm: float = 0.0  # 0: no clipping
+
+    # ---- run -------------------------------------------------------------------------------------------
+    eval_period: int = 4000  # evaluate teacher and student every this many iterations (and at the end)
+    eval_max_images: int = 0  # periodic evaluations use this many val images (0: all); the final one uses all
+    checkpoint_period: int = 4000
+    keep_checkpoints: int = 2  # periodic checkpoints kept on disk, newest first (0: all)
+    log_period: int = 20
+    seed: int = 0
+    device: str = "cpu"  # "cpu" or "cuda"
+    threads: int = 0  # torch intra-op threads; 0: all cores
+    output_dir: str = ""  # empty: runs/<dataset>_<method>_<detector>_<percent>pct_fold<fold>
+    resume: bool = False  # continue from output_dir's last checkpoint
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def milestone_iters(self) -> list[int]:
+        """The LR milestones as iteration numbers."""
+        return [round(f * self.max_iter) for f in self.milestones]
+
+    def validate(self) -> "Config":
+        """Raise a ValueError naming the field for settings that cannot work; return self."""
+        def check(ok: bool, message: str):
+            if not ok:
+                raise ValueError(f"config: {message}")
+
+        check(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        check(self.detector in DETECTORS, f"detector must be one of {DETECTORS}, got {self.detector!r}")
+        check(self.dataset != "coco" or self.data_root or (self.train_json and self.val_json),
+              "dataset 'coco' needs --data-root (or --train-json/--train-images/--val-json/--val-images)")
+        check(self.dataset != "custom" or all([self.train_json, self.train_images, self.val_json, self.val_images]),
+              "dataset 'custom' needs --train-json, --train-images, --val-json and --val-images")
+        check(0 < self.percent <= 100, f"percent must be in (0, 100], got {self.percent}")
+        check(self.labeled_batch >= 1, f"labeled_batch must be >= 1, got {self.labeled_batch}")
+        check(self.method == "supervised" or self.unlabeled_batch >= 1,
+              f"method {self.method!r} needs unlabeled_batch >= 1, got {self.unlabeled_batch}")
+        check(self.schedule in ("step", "cosine"), f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
+        check(all(0 < f <= 1 for f in self.milestones), f"milestones are fractions of max_iter in (0, 1], "
+                                                         f"got {self.milestones}")
+        check(self.max_iter >= 1, f"max_iter must be >= 1, got {self.max_iter}")
+        check(self.warmup_iters >= 0 and 0 < self.warmup_factor <= 1, "warmup_iters >= 0 and warmup_factor in (0, 1]")
+        check(bool(self.train_sizes) and all(s > 0 for s in self.train_sizes), "train_sizes must be positive")
+        check(self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain values only (str, int, float, bool, list, dict): JSON- and `weights_only`-safe."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """Rebuild a Config from `to_dict()` output (a checkpoint's or config.json's); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"config: unknown settings {unknown}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def __str__(self) -> str:
+        width = max(len(f.name) for f in dataclasses.fields(self))
+        return "\n".join(f"  {f.name:<{width}} {getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------------------
+
+
+def builtin_preset(method: str, detector: str) -> Config:
+    """The built-in dataset (128 px images, objects 8-96 px) on this 2-core CPU.
+
+    ResNet-18 with a 64-channel FPN from scratch, batch 8 labeled; the scale-dependent detector settings
+    (anchor sizes, FCOS ranges) are COCO's divided by 4, since the objects are about 4x smaller than COCO's.
+    """
+    cfg = Config(
+        dataset="builtin", detector=detector, method=method,
+        train_sizes=[96, 112, 128, 144, 160], train_max_size=256, test_size=128, test_max_size=256,
+        backbone="resnet18", fpn_channels=64, head_convs=4,
+        # One anchor size per level, COCO's / 4: RetinaNet P3-P7 (COCO 32..512), Faster R-CNN P2-P6 (32..512).
+        anchor_sizes=[8, 16, 32, 64, 128],
+        fcos_range_multiplier=0.25,  # size-of-interest bounds 16, 32, 64, 128 (COCO: 64, 128, 256, 512)
+        roi_canonical_scale=56,  # COCO's 224 / 4
+        box_head_dim=256, rpn_pre_nms_train=1000, rpn_pre_nms_test=1000, rpn_post_nms_train=300,
+        rpn_post_nms_test=300, roi_batch_size=128,
+        labeled_batch=8,
+        # Unlabeled images per iteration. The papers' ratios (Soft Teacher 1:4, Dense Teacher 1:1) cost too
+        # much CPU time at 8 labeled images: Soft Teacher keeps a larger share than the others.
+        unlabeled_batch={"supervised": 0, "soft_teacher": 16, "dense_teacher": 8, "sed": 8}[method],
+        lr=0.02, warmup_iters=100, milestones=[2 / 3, 8 / 9], max_iter=1500, clip_grad_norm=10.0,
+        eval_period=500, eval_max_images=0, checkpoint_period=500, log_period=20,
+        num_workers=0,
+    )
+    return cfg
+
+
+def coco_preset(method: str, detector: str) -> Config:
+    """The papers' COCO settings (METHODS.md): ResNet-50 FPN, 180k iterations, SGD lr 0.01, steps at 120k/160k.
+
+    Soft Teacher: 8 GPUs x (1 labeled + 4 unlabeled), 500-iteration warm-up, short side drawn from 400-1200
+    (its (1333, 400)-(1333, 1200) range, here in steps of 32). Dense Teacher: 16 + 16, 1k warm-up, no LR decay,
+    short side 640-800 (Unbiased Teacher's augmentation), gradients clipped. SED: short side 640-800
+    (paper Sec. 4); its batch is not stated, 16 + 16 as Dense Teacher. Supervised: detectron2's 16 images at
+    lr 0.02. Test: short side 800, long side <= 1333.
+    """
+    cfg = Config(
+        dataset="coco", detector=detector, method=method,
+        train_sizes=[640, 672, 704, 736, 768, 800], train_max_size=1333, test_size=800, test_max_size=1333,
+        backbone="resnet50", fpn_channels=256, trainable_layers=3, head_convs=4, anchor_sizes=[],
+        fcos_range_multiplier=1.0, box_head_dim=1024, rpn_pre_nms_train=2000, rpn_pre_nms_test=1000,
+        rpn_post_nms_train=2000, rpn_post_nms_test=1000, roi_batch_size=512, roi_canonical_scale=224,
+        labeled_batch=16, unlabeled_batch=16 if method != "supervised" else 0,
+        lr=0.01, momentum=0.9, weight_decay=1e-4, warmup_iters=1000, warmup_factor=0.001,
+        milestones=[120_000 / 180_000, 160_000 / 180_000], max_iter=180_000, clip_grad_norm=0.0,
+        eval_period=4000, checkpoint_period=4000, num_workers=4,
+    )
+    if method == "supervised":
+        cfg.lr = 0.02
+    if method == "soft_teacher":
+        cfg.train_sizes = list(range(400, 1201, 32))
+        cfg.labeled_batch, cfg.unlabeled_batch = 8, 32
+        cfg.warmup_iters = 500
+    if method == "dense_teacher":
+        cfg.milestones = []  # the authors' steps sit in the last 10 iterations: no decay in effect
+        cfg.clip_grad_norm = 10.0
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------
+# From settings to the arguments of data/ and detectors/
+# --------------------------------------------------------------------------------------------------------
+
+
+class DatasetFiles(NamedTuple):
+    root: Path  # the dataset's folder (split files of the built-in dataset go under it)
+    train_json: Path
+    train_images: Path
+    val_json: Path
+    val_images: Path
+
+
+def dataset_files(cfg: Config) -> DatasetFiles:
+    """Where the dataset's annotation files and images are; the built-in dataset is generated on first use.
+
+    builtin: data.synthetic.ensure_builtin(builtin_dir, spec=BuiltinSpec(**builtin_spec)).
+    coco: the COCO 2017 layout under data_root. Explicit --train-json / --val-json ... override either.
+    """
+    if cfg.dataset == "builtin":
+        spec = BuiltinSpec(**cfg.builtin_spec)
+        paths = ensure_builtin(cfg.builtin_dir or None, spec=spec)
+        files = DatasetFiles(paths.root, paths.train_json, paths.train_images, paths.val_json, paths.val_images)
+    elif cfg.data_root:
+        paths = coco_paths(cfg.data_root)
+        files = DatasetFiles(Path(cfg.data_root), paths.train_json, paths.train_images, paths.val_json, paths.val_images)
+    else:
+        files = DatasetFiles(Path(cfg.train_json).parent, Path(cfg.train_json), Path(cfg.train_images),
+                             Path(cfg.val_json), Path(cfg.val_images))
+    explicit = {name: Path(getattr(cfg, name)) for name in ("train_json", "train_images", "val_json", "val_images")
+                if getattr(cfg, name)}
+    return files._replace(**explicit)
+
+
+def detector_kwargs(cfg: Config) -> dict:
+    """The keyword arguments of `detectors.build_detector(cfg.detector, num_classes=..., **kwargs)`."""
+    kwargs = dict(backbone=cfg.backbone, fpn_channels=cfg.fpn_channels, backbone_weights=cfg.backbone_weights or None,
+                  trainable_layers=cfg.trainable_layers)
+    if cfg.detector == "fcos":
+        return kwargs | dict(num_convs=cfg.head_convs, range_multiplier=cfg.fcos_range_multiplier)
+    if cfg.detector == "retinanet":
+        return kwargs | dict(num_convs=cfg.head_convs, anchor_sizes=cfg.anchor_sizes or None)
+    if cfg.detector == "faster_rcnn":
+        return kwargs | dict(anchor_sizes=cfg.anchor_sizes or None, representation_size=cfg.box_head_dim,
+                             rpn_pre_nms_train=cfg.rpn_pre_nms_train, rpn_pre_nms_test=cfg.rpn_pre_nms_test,
+                             rpn_post_nms_train=cfg.rpn_post_nms_train, rpn_post_nms_test=cfg.rpn_post_nms_test,
+                             roi_batch_size=cfg.roi_batch_size, roi_canonical_scale=cfg.roi_canonical_scale)
+    raise ValueError(f"config: unknown detector {cfg.detector!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------
+
+
+def _parse_value(text: str):
+    """'3' -> 3, '0.5' -> 0.5, 'true' / 'True' -> True, 'none' -> None, '[1,2]' -> [1, 2]; else the string."""
+    lowered = {"true": "true", "false": "false", "none": "null", "null": "null"}.get(text.lower())
+    try:
+        return json.loads(lowered or text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), _parse_value(value)
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with one `--flag` per Config field; unset flags stay out of the namespace.
+
+    int / float / str fields take one value, list fields one or more (`--milestones 0.5 0.8`, or `--milestones`
+    with none for an empty list), bool fields `--flag` / `--no-flag`, dict fields `key=value` pairs.
+    """
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    hints = typing.get_type_hints(Config)
+    comments = _field_comments()
+    for f in dataclasses.fields(Config):
+        flags = [f"--{f.name.replace('_', '-')}"]
+        kind = hints[f.name]
+        help_text = comments.get(f.name, "")
+        if kind is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            parser.add_argument(*flags, dest=f.name, type=item, nargs="*", help=help_text)
+        elif kind is dict:
+            parser.add_argument(*flags, dest=f.name, type=_key_value, nargs="*", metavar="KEY=VALUE", help=help_text)
+        elif kind in (int, float, str):
+            parser.add_argument(*flags, dest=f.name, type=kind, help=help_text)
+        else:
+            raise TypeError(f"config: no command-line parser for field {f.name} of type {kind}")
+    return parser
+
+
+def _field_comments() -> dict[str, str]:
+    """The trailing comment of each field in Config's source: the help text of its flag."""
+    pattern = re.compile(r"^    (\w+): [^=]+=.*?#\s*(.+)$")
+    return {m.group(1): m.group(2) for line in inspect.getsource(Config).splitlines() if (m := pattern.match(line))}
+
+
+def parse_config(argv: list[str] | None = None, *, description: str = "") -> Config:
+    """Config from the command line: the dataset's preset, then every flag given, validated.
+
+    The dataset defaults to "coco" when --data-root is given, "custom" when --train-json is, else "builtin".
+    The detector defaults to the method's paper detector (PAPER_DETECTOR).
+    """
+    overrides = vars(build_parser(description).parse_args(argv))
+    hints = typing.get_type_hints(Config)
+    for name, value in overrides.items():
+        if hints[name] is dict:  # key=value pairs -> dict
+            overrides[name] = dict(value)
+    return resolve_config(overrides)
+
+
+def resolve_config(overrides: dict) -> Config:
+    """The preset chosen by `overrides` (dataset, method, detector), updated with every override, validated."""
+    dataset = overrides.get("dataset") or ("coco" if overrides.get("data_root") else
+                                           "custom" if overrides.get("train_json") else "builtin")
+    method = overrides.get("method", "supervised")
+    if method not in METHODS:
+        raise ValueError(f"config: method must be one of {METHODS}, got {method!r}")
+    detector = overrides.get("detector") or PAPER_DETECTOR[method]
+    if dataset == "builtin":
+        cfg = builtin_preset(method, detector)
+    elif dataset in ("coco", "custom"):
+        cfg = coco_preset(method, detector)
+        cfg.dataset = dataset
+    else:
+        raise ValueError(f"config: dataset must be one of {DATASETS}, got {dataset!r}")
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"config: unknown settings {unknown}")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k not in ("dataset", "method", "detector")})
+    if not cfg.output_dir:
+        cfg.output_dir = f"runs/{cfg.dataset}_{cfg.method}_{cfg.detector}_{cfg.percent:g}pct_fold{cfg.fold}"
+    return cfg.validate()

@@ -1,0 +1,204 @@
+"""COCO box evaluation with pycocotools.
+
+    detections in the batch's (resized) frame --inverse(matrix)--> original image pixels
+    contiguous labels 0..C-1 --category_ids--> COCO category ids
+    -> COCO results list [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}] -> COCOeval("bbox")
+
+Metrics are fractions in [0, 1] (printed as percentages). A run with no detections at all scores 0 instead
+of crashing pycocotools, whose `loadRes` cannot take an empty list.
+"""
+
+import contextlib
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+
+import detectors
+
+# The order of COCOeval.stats.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+@dataclass
+class Evaluation:
+    """The outcome of one COCO evaluation.
+
+    metrics:   METRIC_NAMES -> float in [0, 1]; nan where the ground truth has nothing to measure (e.g. APs
+               without small objects)
+    per_class: class name -> AP in [0, 1] (IoU 0.50:0.95, all areas, 100 detections); nan without ground truth
+    results:   the COCO results list, boxes in original image pixels
+    num_images, seconds: how many images were evaluated and how long prediction took (for throughput)
+    """
+
+    metrics: dict[str, float]
+    per_class: dict[str, float]
+    results: list[dict] = field(repr=False)
+    num_images: int = 0
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        """The metrics and the per-class AP as a fixed-width text table, values in percent."""
+        def row(names, values):
+            head = " ".join(f"{name:>7}" for name in names)
+            body = " ".join(f"{100 * value:7.2f}" if not math.isnan(value) else f"{'-':>7}" for value in values)
+            return f"{head}\n{body}"
+
+        lines = [row(METRIC_NAMES[:6], [self.metrics[k] for k in METRIC_NAMES[:6]]),
+                 row(METRIC_NAMES[6:], [self.metrics[k] for k in METRIC_NAMES[6:]])]
+        if self.per_class:
+            width = max(len(name) for name in self.per_class)
+            lines.append("per-class AP:")
+            lines += [f"  {name:<{width}} " + (f"{100 * ap:6.2f}" if not math.isnan(ap) else f"{'-':>6}")
+                      for name, ap in self.per_class.items()]
+        return "\n".join(lines)
+
+    def write_results_json(self, path: str | Path) -> Path:
+        """Write the detections as a COCO results JSON file (the format of the COCO test server)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.results))
+        return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# Detections -> COCO results
+# --------------------------------------------------------------------------------------------------------
+
+
+def boxes_to_original(boxes: Tensor, matrix: Tensor, orig_size: tuple[int, int]) -> Tensor:
+    """Map boxes from a view back to the original image.
+
+    boxes: float (K, 4) xyxy pixels in the view; matrix: float64 (3, 3), original (x, y, 1) -> view;
+    orig_size: (h, w) of the original image. Returns float32 (K, 4) xyxy in original pixels, clipped to it.
+    The 4 corners go through inverse(matrix) and the enclosing box is kept, which is exact for the
+    resize / flip of a test view.
+    """
+    inverse = torch.linalg.inv(matrix.double())  # (3, 3) view -> original
+    x1, y1, x2, y2 = boxes.double().unbind(dim=1)  # (K,) each
+    corners = torch.stack([torch.stack([x1, y1], 1), torch.stack([x2, y1], 1),
+                           torch.stack([x1, y2], 1), torch.stack([x2, y2], 1)], dim=1)  # (K, 4 corners, 2)
+    corners = torch.cat([corners, torch.ones_like(corners[..., :1])], dim=-1)  # (K, 4, 3) homogeneous
+    mapped = corners @ inverse.T  # (K, 4, 3)
+    mapped = mapped[..., :2] / mapped[..., 2:]  # (K, 4, 2)
+    h, w = orig_size
+    out = torch.cat([mapped.amin(dim=1), mapped.amax(dim=1)], dim=1)  # (K, 4) xyxy
+    out[:, 0::2] = out[:, 0::2].clamp(0, w)
+    out[:, 1::2] = out[:, 1::2].clamp(0, h)
+    return out.float()
+
+
+def to_coco_results(detections: list[dict], *, matrices: Tensor, orig_sizes: list[tuple[int, int]],
+                    image_ids: list[int], category_ids: list[int]) -> list[dict]:
+    """One batch of detections as COCO result entries.
+
+    detections: B dicts {"boxes" (K, 4) xyxy in the batch frame, "scores" (K,), "labels" (K,) int64 in 0..C-1};
+    matrices: float64 (B, 3, 3) original -> batch frame; category_ids[label] is the COCO id of a label.
+    Returns [{"image_id": int, "category_id": int, "bbox": [x, y, w, h] original pixels, "score": float}].
+    """
+    results = []
+    for det, matrix, orig_size, image_id in zip(detections, matrices, orig_sizes, image_ids):
+        boxes = boxes_to_original(det["boxes"].detach().cpu(), matrix.cpu(), orig_size)  # (K, 4)
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        for box, score, label in zip(xywh, det["scores"].tolist(), det["labels"].tolist()):
+            results.append({"image_id": int(image_id), "category_id": int(category_ids[label]),
+                            "bbox": [round(v, 3) for v in box], "score": round(float(score), 5)})
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------
+# COCOeval
+# --------------------------------------------------------------------------------------------------------
+
+
+def load_coco(json_path: str | Path, *, verbose: bool = False) -> COCO:
+    """pycocotools' COCO index of a ground-truth file, without its prints unless verbose."""
+    with _quiet(not verbose):
+        return COCO(str(json_path))
+
+
+def coco_metrics(coco_gt: COCO, results: list[dict], *, image_ids: list[int], class_names: dict[int, str],
+                 verbose: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+    """COCOeval("bbox") of `results` over `image_ids`.
+
+    class_names: COCO category id -> name, in the order the per-class table lists them.
+    Returns (metrics: METRIC_NAMES -> float in [0, 1] or nan, per_class: name -> AP in [0, 1] or nan).
+    No results at all: every metric is 0 (pycocotools cannot load an empty list).
+    """
+    if not results:
+        return {name: 0.0 for name in METRIC_NAMES}, {name: 0.0 for name in class_names.values()}
+    with _quiet(not verbose):
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.params.imgIds = sorted(set(image_ids))
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics = {name: (float(v) if v >= 0 else math.nan) for name, v in zip(METRIC_NAMES, evaluator.stats)}
+
+    # precision: (T iou thresholds, R recall points, K categories, A area ranges, M max-dets); -1 = undefined.
+    precision = evaluator.eval["precision"]
+    per_class = {}
+    for k, category_id in enumerate(evaluator.params.catIds):
+        if category_id not in class_names:
+            continue
+        p = precision[:, :, k, 0, -1]  # (T, R): all areas, 100 detections
+        per_class[class_names[category_id]] = float(np.mean(p[p > -1])) if (p > -1).any() else math.nan
+    per_class = {name: per_class.get(name, math.nan) for name in class_names.values()}
+    return metrics, per_class
+
+
+@torch.no_grad()
+def evaluate(detector, loader, *, coco_gt: COCO, category_ids: list[int], class_names: list[str],
+             max_images: int | None = None, verbose: bool = False, progress: bool = False) -> Evaluation:
+    """Run `detectors.predict` over a validation loader and score it with COCOeval.
+
+    detector: a `detectors.Detector` (model, criterion, postprocessor); it runs in eval mode and is put back
+    into its previous mode afterwards. loader: yields `data.loader.Batch` (images float32 (B, 3, H, W) in
+    [0, 1], image_sizes, matrices original -> batch frame, image_ids, orig_sizes).
+    category_ids[c] / class_names[c]: COCO id and name of contiguous label c.
+    max_images: stop after this many images (the metrics cover only them).
+    """
+    model = detector.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    results, image_ids, seconds = [], [], 0.0
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True)
+    try:
+        for batch in batches:
+            start = time.perf_counter()
+            detections = detectors.predict(detector, batch.images.to(device), batch.image_sizes.to(device))
+            seconds += time.perf_counter() - start
+            results += to_coco_results(detections, matrices=batch.matrices, orig_sizes=batch.orig_sizes,
+                                       image_ids=batch.image_ids, category_ids=category_ids)
+            image_ids += list(batch.image_ids)
+            if max_images is not None and len(image_ids) >= max_images:
+                break
+    finally:
+        model.train(was_training)
+    names = {category_id: name for category_id, name in zip(category_ids, class_names)}
+    metrics, per_class = coco_metrics(coco_gt, results, image_ids=image_ids, class_names=names, verbose=verbose)
+    return Evaluation(metrics=metrics, per_class=per_class, results=results, num_images=len(image_ids),
+                      seconds=seconds)
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Swallow pycocotools' prints to stdout."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield

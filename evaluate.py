@@ -1,0 +1,105 @@
+"""Evaluate a checkpoint on the validation set: COCO box metrics, per-class AP, detections as COCO JSON.
+
+    python evaluate.py runs/builtin_supervised_fcos_10pct_fold1/checkpoint_0001500.pth
+    python evaluate.py CKPT --which student --vis 8            # also draw 8 images with boxes to PNG
+    python evaluate.py CKPT --data-root /data/coco             # the COCO data on this machine
+
+The model is rebuilt from the config stored in the checkpoint, so on the built-in dataset no other flag is
+needed (the dataset is regenerated if it is not cached). `--which` picks the teacher (the default when the
+checkpoint has one) or the student. Detections are written as a COCO results file next to the checkpoint
+(`<checkpoint>.<which>.results.json`) or to `--out`.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+import detectors
+from data.coco import CocoDetection
+from data.loader import build_val_loader, collate
+from data.transforms import build_eval_transform
+from engine.checkpoint import load_checkpoint, load_model_state
+from engine.config import Config, dataset_files, detector_kwargs
+from engine.evaluation import evaluate, load_coco
+from engine.visualize import save_boxes
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint written by train.py")
+    parser.add_argument("--which", choices=("auto", "teacher", "student"), default="auto",
+                        help="auto: the teacher when the checkpoint has one, else the student")
+    parser.add_argument("--out", default="", help="results JSON (default: next to the checkpoint)")
+    parser.add_argument("--vis", type=int, default=0, metavar="N", help="draw N val images with boxes to PNG files")
+    parser.add_argument("--vis-dir", default="", help="where the PNG files go (default: <checkpoint dir>/vis)")
+    parser.add_argument("--score-threshold", type=float, default=0.3, help="lowest score drawn by --vis")
+    parser.add_argument("--data-root", default=None, help="COCO root on this machine (overrides the checkpoint's)")
+    parser.add_argument("--val-json", default=None)
+    parser.add_argument("--val-images", default=None)
+    parser.add_argument("--builtin-dir", default=None, help="cache folder of the built-in dataset")
+    parser.add_argument("--batch-size", type=int, default=0, help="images per batch (default: the training batch)")
+    parser.add_argument("--max-images", type=int, default=0, help="evaluate the first N val images only (0: all)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: the checkpoint's)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--verbose", action="store_true", help="show pycocotools' own output")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads or os.cpu_count())
+    path = Path(args.checkpoint)
+    state = load_checkpoint(path)
+    cfg = Config.from_dict(state["config"])
+    if args.data_root is not None:  # the data moved: the training machine's explicit paths no longer apply
+        cfg.train_json = cfg.train_images = cfg.val_json = cfg.val_images = ""
+    for name in ("data_root", "val_json", "val_images", "builtin_dir", "device"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    meta = state["meta"]
+
+    # The model, with the weights asked for.
+    which = args.which if args.which != "auto" else ("teacher" if state["teacher"] is not None else "student")
+    weights = state["model"] if which == "student" else state["teacher"]
+    if weights is None:
+        raise ValueError(f"checkpoint {path} has no teacher (a supervised run); use --which student")
+    device = torch.device(cfg.device)
+    detector = detectors.build_detector(cfg.detector, num_classes=meta["num_classes"], **detector_kwargs(cfg))
+    load_model_state(detector.model, weights, path=path, what=which)
+    detector.model.to(device).eval()
+
+    # The validation set, with the checkpoint's label map (labels must mean what they meant in training).
+    files = dataset_files(cfg)
+    categories = [{"id": i, "name": n} for i, n in zip(meta["category_ids"], meta["class_names"])]
+    val = CocoDetection(files.val_json, files.val_images, categories=categories,
+                        transform=build_eval_transform(cfg.test_size, cfg.test_max_size))
+    loader = build_val_loader(val, batch_size=args.batch_size or cfg.labeled_batch, num_workers=cfg.num_workers,
+                              size_divisible=cfg.size_divisible)
+
+    print(f"evaluating the {which} of {path} ({cfg.detector}, {cfg.method}) on {files.val_json}", flush=True)
+    result = evaluate(detector, loader, coco_gt=load_coco(files.val_json, verbose=args.verbose),
+                      category_ids=meta["category_ids"], class_names=meta["class_names"],
+                      max_images=args.max_images or None, verbose=args.verbose, progress=True)
+    print(result.table())
+    print(f"{result.num_images} images in {result.seconds:.1f} s ({result.num_images / max(result.seconds, 1e-9):.1f} "
+          f"images/s)")
+    out = Path(args.out) if args.out else path.with_name(f"{path.stem}.{which}.results.json")
+    print(f"detections: {result.write_results_json(out)}")
+
+    if args.vis > 0:
+        vis_dir = Path(args.vis_dir) if args.vis_dir else path.parent / "vis"
+        samples = [val[i] for i in range(min(args.vis, len(val)))]
+        batch = collate(samples, size_divisible=cfg.size_divisible)
+        detections = detectors.predict(detector, batch.images.to(device), batch.image_sizes.to(device))
+        for sample, det in zip(samples, detections):
+            save_boxes(vis_dir / f"{sample['image_id']}.{which}.png", sample["image"], class_names=meta["class_names"],
+                       boxes=det["boxes"].cpu(), labels=det["labels"].cpu(), scores=det["scores"].cpu(),
+                       gt_boxes=sample["boxes"], gt_labels=sample["labels"], score_threshold=args.score_threshold)
+        print(f"drawings: {vis_dir} ({len(samples)} images)")
+    return result.metrics
+
+
+if __name__ == "__main__":
+    main()

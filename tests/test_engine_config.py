@@ -1,0 +1,80 @@
+"""engine/config.py: presets, command-line overrides, plain-value round trips."""
+
+import json
+
+import pytest
+import torch
+
+from engine.config import PAPER_DETECTOR, Config, parse_config
+
+
+def test_builtin_preset_is_default_and_paper_detector_follows_method():
+    cfg = parse_config([])
+    assert cfg.dataset == "builtin" and cfg.method == "supervised"
+    assert cfg.backbone == "resnet18" and cfg.fpn_channels == 64 and cfg.test_size == 128
+    assert cfg.unlabeled_batch == 0
+    for method, detector in PAPER_DETECTOR.items():
+        semi = parse_config(["--method", method])
+        assert semi.detector == detector
+        assert (semi.unlabeled_batch >= 1) == (method != "supervised")
+
+
+def test_data_root_switches_to_coco_preset():
+    cfg = parse_config(["--data-root", "/data/coco", "--method", "soft_teacher"])
+    assert cfg.dataset == "coco" and cfg.backbone == "resnet50" and cfg.max_iter == 180_000
+    assert cfg.milestone_iters() == [120_000, 160_000]
+    assert (cfg.labeled_batch, cfg.unlabeled_batch, cfg.warmup_iters) == (8, 32, 500)
+    assert min(cfg.train_sizes) == 400 and max(cfg.train_sizes) == 1200 and cfg.test_size == 800
+    dense = parse_config(["--data-root", "/data/coco", "--method", "dense_teacher"])
+    assert (dense.labeled_batch, dense.unlabeled_batch, dense.warmup_iters) == (16, 16, 1000)
+    assert dense.milestone_iters() == []
+
+
+def test_every_kind_of_flag_overrides_the_preset():
+    cfg = parse_config(["--max-iter", "30", "--lr", "0.5", "--train-sizes", "64", "96", "--detector", "retinanet",
+                        "--milestones", "--no-resume", "--resume", "--method-args", "unsup_weight=2",
+                        "jitter_times=5", "name=abc", "flag=false", "--output-dir", "somewhere"])
+    assert cfg.max_iter == 30 and cfg.lr == 0.5 and cfg.train_sizes == [64, 96]
+    assert cfg.detector == "retinanet" and cfg.milestones == [] and cfg.resume is True
+    assert cfg.method_args == {"unsup_weight": 2, "jitter_times": 5, "name": "abc", "flag": False}
+    assert cfg.output_dir == "somewhere"
+    assert parse_config([]).output_dir == "runs/builtin_supervised_fcos_10pct_fold1"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "mean_teacher"], "method"),
+    (["--detector", "yolo"], "detector"),
+    (["--percent", "0"], "percent"),
+    (["--dataset", "custom"], "custom"),
+    (["--method", "sed", "--unlabeled-batch", "0"], "unlabeled_batch"),
+    (["--milestones", "2"], "milestones"),
+])
+def test_bad_settings_name_the_field(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(argv)
+
+
+def test_empty_key_value_flag_gives_an_empty_dict_and_help_lists_field_comments(capsys):
+    assert parse_config(["--method", "sed", "--method-args"]).method_args == {}
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    assert "share of the training images that keep their labels" in capsys.readouterr().out
+
+
+def test_bad_flag_value_is_rejected_by_the_parser():
+    with pytest.raises(SystemExit):
+        parse_config(["--max-iter", "many"])
+
+
+def test_round_trip_through_json_and_weights_only_load(tmp_path):
+    cfg = parse_config(["--method", "dense_teacher", "--method-args", "burn_in=7", "--seed", "3"])
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    assert Config.from_dict(json.loads(cfg.save(tmp_path / "config.json").read_text())) == cfg
+    torch.save({"config": cfg.to_dict()}, tmp_path / "c.pth")
+    loaded = torch.load(tmp_path / "c.pth", weights_only=True)["config"]
+    assert Config.from_dict(loaded) == cfg
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown settings.*bogus"):
+        Config.from_dict({**Config().to_dict(), "bogus": 1})
