@@ -153,6 +153,8 @@ def train(cfg: Config) -> dict:
         load_model_state(student.model, state["model"], path=resume_from)
         if ema is not None and state["teacher"] is not None:
             load_model_state(ema.model, state["teacher"], path=resume_from, what="teacher")
+        elif ema is not None:  # a supervised checkpoint continued by a method: the teacher starts as the student
+            ema.copy_from(student.model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_iter = state["iteration"]
@@ -221,6 +223,7 @@ def train(cfg: Config) -> dict:
         total = weighted_total(losses, weights)  # the one place weights are applied
         check_finite(total, losses, iteration)
 
+        lr = optimizer.param_groups[0]["lr"]  # this iteration's
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if cfg.clip_grad_norm > 0:
@@ -242,8 +245,7 @@ def train(cfg: Config) -> dict:
         iter_time = time.perf_counter() - timer
         timer = time.perf_counter()
         bar.update(1)
-        if done % cfg.log_period == 0 or done == cfg.max_iter or iteration == start_iter:
-            lr = optimizer.param_groups[0]["lr"]
+        if done % cfg.log_period == 0 or done == cfg.max_iter or done == 1:
             bar.set_postfix_str(f"loss {total.item():.3f} lr {lr:.2g}")
             log.write({"iteration": done, "lr": lr, "loss": total, **losses,
                        **{f"w_{key}": w for key, w in weights.items()}, **stats,
@@ -256,7 +258,7 @@ def train(cfg: Config) -> dict:
             results = run_evaluation(done, max_images=None if final or cfg.eval_max_images <= 0
                                      else cfg.eval_max_images)
         if done % cfg.checkpoint_period == 0 or done == cfg.max_iter:
-            path = save_checkpoint(out_dir / checkpoint_name(done), iteration=done, config=cfg.to_dict(), meta=meta,
+            save_checkpoint(out_dir / checkpoint_name(done), iteration=done, config=cfg.to_dict(), meta=meta,
                                    model=student.model, teacher=ema.model if ema is not None else None,
                                    optimizer=optimizer, scheduler=scheduler, keep=cfg.keep_checkpoints)
         timer = time.perf_counter()  # evaluating and saving are not part of the next iteration's time

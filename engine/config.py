@@ -39,6 +39,12 @@ PAPER_DETECTOR = {"supervised": "fcos", "soft_teacher": "faster_rcnn", "dense_te
 
 @dataclass
 class Config:
+    """Every setting of a run. The defaults here are COCO-like; `builtin_preset` / `coco_preset` fill them in.
+
+    Only plain types (str, int, float, bool, list, dict), so that a config survives JSON and
+    `torch.load(weights_only=True)`; "" / [] / 0 stand for "not set" where a field is optional.
+    """
+
     # ---- data ------------------------------------------------------------------------------------------
     dataset: str = "builtin"  # "builtin" (generated on first use), "coco" (data_root layout), "custom" (paths)
     data_root: str = ""  # COCO: <root>/annotations/instances_{train,val}2017.json, <root>/{train,val}2017/
@@ -91,7 +97,7 @@ class Config:
     warmup_iters: int = 1000
     warmup_factor: float = 0.001  # the LR starts at lr * warmup_factor and rises linearly
     schedule: str = "step"  # "step" (x gamma at each milestone) or "cosine" (to 0 at max_iter)
-    milestones: list[float] = field(default_factory=lambda: [2 / 3, 8 / 9])  # fractions of max_iter (120k, 160k of 180k)
+    milestones: list[float] = field(default_factory=lambda: [2 / 3, 8 / 9])  # fractions of max_iter (120k/160k of 180k)
     gamma: float = 0.1
     max_iter: int = 180_000
     clip_grad_norm: float = 0.0  # 0: no clipping

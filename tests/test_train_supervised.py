@@ -80,6 +80,9 @@ def test_run_writes_config_metrics_checkpoints_and_evaluation(uninterrupted):
     assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert [r["eval"] for r in records if "eval" in r] == ["student"]
     assert all(key in records[0] for key in ("sup_loss_cls", "sup_loss_box", "sup_loss_quality", "w_sup_loss_cls"))
+    cfg = Config.from_dict(state["config"])  # each line logs the learning rate its iteration used
+    expected = [0.01 * train.lr_factor(i, cfg=cfg) for i in range(4)]
+    assert [r["lr"] for r in records if "lr" in r] == pytest.approx(expected)
 
 
 def test_resume_continues_exactly_where_an_uninterrupted_run_goes(uninterrupted, builtin_dir, tmp_path, monkeypatch):
