@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"{cfg.labeled_batch / timing['step']:.1f}", f"{result.num_images / result.seconds:.1f}",
                      f"{result.num_images / eval_total:.1f}"))
 
-    header = ("detector", "backbone", "batch", "train px", "step s", "median s", "data s", "train img/s", "predict img/s",
-              "eval img/s")
+    header = ("detector", "backbone", "batch", "train px", "step s", "median s", "data s", "train img/s",
+              "predict img/s", "eval img/s")
     widths = [max(len(h), *(len(r[i]) if isinstance(r[i], str) else len(str(r[i])) for r in rows))
               for i, h in enumerate(header)]
     print(f"\nbuilt-in preset, {torch.get_num_threads()} threads, {args.steps} timed steps "

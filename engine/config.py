@@ -259,7 +259,8 @@ def dataset_files(cfg: Config) -> DatasetFiles:
         files = DatasetFiles(paths.root, paths.train_json, paths.train_images, paths.val_json, paths.val_images)
     elif cfg.data_root:
         paths = coco_paths(cfg.data_root)
-        files = DatasetFiles(Path(cfg.data_root), paths.train_json, paths.train_images, paths.val_json, paths.val_images)
+        files = DatasetFiles(Path(cfg.data_root), paths.train_json, paths.train_images, paths.val_json,
+                             paths.val_images)
     else:
         files = DatasetFiles(Path(cfg.train_json).parent, Path(cfg.train_json), Path(cfg.train_images),
                              Path(cfg.val_json), Path(cfg.val_images))

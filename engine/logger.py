@@ -5,7 +5,8 @@ A line of metrics.jsonl looks like
     {"iteration": 120, "lr": 0.0098, "loss": 1.73, "sup_loss_cls": 0.52, ..., "w_unsup_loss_cls": 4.0, "time": 0.41}
     {"iteration": 500, "eval": "teacher", "AP": 0.41, "AP50": 0.63, ..., "AP/circle": 0.52}
 
-where "iteration" counts the iterations completed when the record was written, so that `pandas.read_json(path, lines=True)` or a few lines of `json.loads` give every curve of a run.
+where "iteration" counts the iterations completed when the record was written; `read_metrics(path)` (or
+`pandas.read_json(path, lines=True)`) gives every curve of a run.
 """
 
 import json
