@@ -1,13 +1,13 @@
 """Evaluate a checkpoint on the validation set: COCO box metrics, per-class AP, detections as COCO JSON.
 
-    python evaluate.py runs/builtin_supervised_fcos_10pct_fold1/checkpoint_0001500.pth
+    python evaluate.py runs/supervised_fcos_10pct/last.pth      # last.pth: the run's newest checkpoint
     python evaluate.py CKPT --which student --vis 8            # also draw 8 images with boxes to PNG
     python evaluate.py CKPT --data-root /data/coco             # the COCO data on this machine
 
 The model is rebuilt from the config stored in the checkpoint, so on the built-in dataset no other flag is
 needed (the dataset is regenerated if it is not cached). `--which` picks the teacher (the default when the
 checkpoint has one) or the student. Detections are written as a COCO results file next to the checkpoint
-(`<checkpoint>.<which>.results.json`) or to `--out`.
+(`checkpoint_<iteration>.<which>.results.json`) or to `--out`.
 """
 
 import argparse
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(result.table())
     print(f"{result.num_images} images in {result.seconds:.1f} s ({result.num_images / max(result.seconds, 1e-9):.1f} "
           f"images/s)")
-    out = Path(args.out) if args.out else path.with_name(f"{path.stem}.{which}.results.json")
+    target = Path(os.path.realpath(path))  # last.pth -> the checkpoint it links to
+    out = Path(args.out) if args.out else target.with_name(f"{target.stem}.{which}.results.json")
     print(f"detections: {result.write_results_json(out)}")
 
     if args.vis > 0:

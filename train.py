@@ -265,9 +265,8 @@ def train(cfg: Config) -> dict:
     bar.close()
     log.close()
 
-    final_checkpoint = last_checkpoint(out_dir)
-    if final_checkpoint is not None:
-        print(f"\ndone. Evaluate the final model with:\n  python evaluate.py {final_checkpoint}", flush=True)
+    if last_checkpoint(out_dir) is not None:
+        print(f"\ndone. Evaluate the final model with:\n  python evaluate.py {out_dir / 'last.pth'}", flush=True)
     return results
 
 

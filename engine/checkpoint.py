@@ -15,7 +15,8 @@ A checkpoint is one dict of plain types (tensors, ints, floats, strings, lists, 
 
 Writes go to a temporary file in the same directory, are fsync'ed, and replace the target with
 `os.replace`, which is atomic on POSIX: a crash leaves either the old file or the new one, never half of one.
-The text file `last_checkpoint` names the newest checkpoint of a run directory; `--resume` reads it.
+`last.pth` in a run directory is a symbolic link to its newest checkpoint (replaced atomically too);
+`--resume` and `python evaluate.py <run>/last.pth` follow it.
 """
 
 import os
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 CHECKPOINT_FORMAT = 1
-LAST_CHECKPOINT = "last_checkpoint"  # text file in the run directory holding the newest checkpoint's file name
+LAST = "last.pth"  # symbolic link to the newest checkpoint of a run directory
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -94,18 +95,20 @@ def atomic_save(obj, path: str | Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def point_last(path: str | Path) -> Path:
+    """Atomically make `last.pth` in the checkpoint's directory a relative symbolic link to it."""
+    path = Path(path)
+    link = path.parent / LAST
+    tmp = path.parent / f".{LAST}.tmp{os.getpid()}"
+    tmp.unlink(missing_ok=True)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.symlink(path.name, tmp)
+        os.replace(tmp, link)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    return link
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -134,7 +137,7 @@ def save_checkpoint(path: str | Path, *, iteration: int, config: dict, meta: dic
                     teacher: nn.Module | None, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, extra: dict | None = None,
                     keep: int = 0) -> Path:
-    """Atomically write a checkpoint and point `last_checkpoint` in its directory at it.
+    """Atomically write a checkpoint and point `last.pth` in its directory at it.
 
     iteration: the next iteration to run. config: plain values only (`Config.to_dict()`).
     keep: how many `checkpoint_*.pth` files of the directory to keep, newest first (0 keeps all); the file
@@ -154,7 +157,7 @@ def save_checkpoint(path: str | Path, *, iteration: int, config: dict, meta: dic
         "extra": extra or {},
     }
     atomic_save(state, path)
-    _atomic_write_text(path.name + "\n", path.parent / LAST_CHECKPOINT)
+    point_last(path)
     if keep > 0:
         older = sorted(p for p in path.parent.glob("checkpoint_*.pth") if p.name != path.name)
         for stale in older[: max(0, len(older) - (keep - 1))]:
@@ -163,14 +166,14 @@ def save_checkpoint(path: str | Path, *, iteration: int, config: dict, meta: dic
 
 
 def last_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `last_checkpoint` in run_dir names, or None when the run has none yet."""
-    pointer = Path(run_dir) / LAST_CHECKPOINT
-    if not pointer.exists():
+    """The checkpoint `last.pth` in run_dir links to (e.g. run_dir/checkpoint_0001500.pth), or None when the
+    run has none yet."""
+    link = Path(run_dir) / LAST
+    if not link.is_symlink() and not link.exists():
         return None
-    path = Path(run_dir) / pointer.read_text().strip()
-    if not path.exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist in {run_dir}")
-    return path
+    if not link.exists():
+        raise FileNotFoundError(f"{link} links to {os.readlink(link)}, which does not exist")
+    return link.parent / os.readlink(link) if link.is_symlink() else link
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -111,7 +111,7 @@ class Config:
     seed: int = 0
     device: str = "cpu"  # "cpu" or "cuda"
     threads: int = 0  # torch intra-op threads; 0: all cores
-    output_dir: str = ""  # empty: runs/<dataset>_<method>_<detector>_<percent>pct_fold<fold>
+    output_dir: str = ""  # empty: runs/[<dataset>_]<method>_<detector>_<percent>pct[_fold<fold>] (builtin, fold 1 bare)
     resume: bool = False  # continue from output_dir's last checkpoint
 
     # ------------------------------------------------------------------------------------------------------
@@ -374,5 +374,7 @@ def resolve_config(overrides: dict) -> Config:
         raise ValueError(f"config: unknown settings {unknown}")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k not in ("dataset", "method", "detector")})
     if not cfg.output_dir:
-        cfg.output_dir = f"runs/{cfg.dataset}_{cfg.method}_{cfg.detector}_{cfg.percent:g}pct_fold{cfg.fold}"
+        name = f"{cfg.method}_{cfg.detector}_{cfg.percent:g}pct"
+        name = (f"{cfg.dataset}_" if cfg.dataset != "builtin" else "") + name + (f"_fold{cfg.fold}" if cfg.fold != 1 else "")
+        cfg.output_dir = f"runs/{name}"
     return cfg.validate()

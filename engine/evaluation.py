@@ -23,6 +23,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 import detectors
+from data.transforms import clip_boxes, warp_boxes
 
 # The order of COCOeval.stats.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -83,17 +84,7 @@ def boxes_to_original(boxes: Tensor, matrix: Tensor, orig_size: tuple[int, int])
     resize / flip of a test view.
     """
     inverse = torch.linalg.inv(matrix.double())  # (3, 3) view -> original
-    x1, y1, x2, y2 = boxes.double().unbind(dim=1)  # (K,) each
-    corners = torch.stack([torch.stack([x1, y1], 1), torch.stack([x2, y1], 1),
-                           torch.stack([x1, y2], 1), torch.stack([x2, y2], 1)], dim=1)  # (K, 4 corners, 2)
-    corners = torch.cat([corners, torch.ones_like(corners[..., :1])], dim=-1)  # (K, 4, 3) homogeneous
-    mapped = corners @ inverse.T  # (K, 4, 3)
-    mapped = mapped[..., :2] / mapped[..., 2:]  # (K, 4, 2)
-    h, w = orig_size
-    out = torch.cat([mapped.amin(dim=1), mapped.amax(dim=1)], dim=1)  # (K, 4) xyxy
-    out[:, 0::2] = out[:, 0::2].clamp(0, w)
-    out[:, 1::2] = out[:, 1::2].clamp(0, h)
-    return out.float()
+    return clip_boxes(warp_boxes(boxes.float(), inverse), orig_size)  # (K, 4)
 
 
 def to_coco_results(detections: list[dict], *, matrices: Tensor, orig_sizes: list[tuple[int, int]],

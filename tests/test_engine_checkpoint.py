@@ -44,6 +44,7 @@ def test_round_trip_with_weights_only(tmp_path):
     state = torch.load(path, weights_only=True)  # must not need any unsafe global
     assert state["iteration"] == 3 and state["config"]["lr"] == 0.1 and state["meta"]["num_classes"] == 3
     assert ckpt.last_checkpoint(tmp_path / "run") == path
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["iteration"] == 3  # the link loads too
 
     state = ckpt.load_checkpoint(path)
     model2, teacher2 = tiny_model(), tiny_model()

@@ -38,7 +38,9 @@ def test_every_kind_of_flag_overrides_the_preset():
     assert cfg.detector == "retinanet" and cfg.milestones == [] and cfg.resume is True
     assert cfg.method_args == {"unsup_weight": 2, "jitter_times": 5, "name": "abc", "flag": False}
     assert cfg.output_dir == "somewhere"
-    assert parse_config([]).output_dir == "runs/builtin_supervised_fcos_10pct_fold1"
+    assert parse_config([]).output_dir == "runs/supervised_fcos_10pct"
+    assert parse_config(["--method", "soft_teacher"]).output_dir == "runs/soft_teacher_faster_rcnn_10pct"  # README
+    assert parse_config(["--data-root", "/c", "--fold", "2", "--percent", "1"]).output_dir == "runs/coco_supervised_fcos_1pct_fold2"
 
 
 @pytest.mark.parametrize("argv, message", [

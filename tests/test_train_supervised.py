@@ -15,7 +15,7 @@ import torch
 import evaluate
 import train
 from data.synthetic import BuiltinSpec, ensure_builtin
-from engine.checkpoint import atomic_save, last_checkpoint, load_checkpoint
+from engine.checkpoint import atomic_save, last_checkpoint, load_checkpoint, point_last
 from engine.config import Config, resolve_config
 from engine.logger import read_metrics
 
@@ -149,7 +149,7 @@ def test_checkpoints_of_another_model_fail_naming_the_file(uninterrupted, builti
     # Another class count in the checkpoint's record: resuming stops before touching the weights.
     state["meta"]["num_classes"] = 3
     atomic_save(state, tmp_path / "checkpoint_0000002.pth")
-    (tmp_path / "last_checkpoint").write_text("checkpoint_0000002.pth\n")
+    point_last(tmp_path / "checkpoint_0000002.pth")
     with pytest.raises(ValueError, match=r"checkpoint_0000002\.pth was trained on 3 classes.*has 8"):
         train.train(tiny_config(builtin_dir, tmp_path, resume=True))
 
@@ -163,7 +163,7 @@ def test_checkpoints_of_another_model_fail_naming_the_file(uninterrupted, builti
 
 def test_evaluate_rebuilds_from_the_checkpoint_alone(uninterrupted, tmp_path):
     run_a, results = uninterrupted
-    checkpoint = last_checkpoint(run_a)
+    checkpoint = run_a / "last.pth"  # the link train.py prints
     metrics = evaluate.main([str(checkpoint), "--out", str(tmp_path / "results.json"), "--vis", "2",
                              "--vis-dir", str(tmp_path / "vis")])
     assert metrics["AP"] == pytest.approx(results["student"]["AP"])  # the same model, the same numbers
