@@ -115,12 +115,15 @@ def train(cfg: Config) -> dict:
     categories = [{"id": i, "name": n} for i, n in zip(labeled.label_to_category_id, labeled.class_names)]
     unlabeled = None
     if method is not None:
-        # Weak view for the teacher, strong view for the student; pixel-aligned for Dense Teacher and SED.
-        unlabeled = load_unlabeled(split.unlabeled_json, files.train_images, categories=categories, seed=cfg.seed,
+        # The split's unlabeled part (or extra images, e.g. COCO's unlabeled2017). Weak view for the teacher,
+        # strong view for the student; pixel-aligned for Dense Teacher and SED.
+        unlabeled_json, unlabeled_images = ((files.unlabeled_json, files.unlabeled_images) if files.unlabeled_json
+                                            else (split.unlabeled_json, files.train_images))
+        unlabeled = load_unlabeled(unlabeled_json, unlabeled_images, categories=categories, seed=cfg.seed,
                                    transform=build_unlabeled_transform(**sizes, aligned=method.unlabeled_aligned))
         if len(unlabeled) == 0:
-            raise ValueError(f"{split.unlabeled_json}: no unlabeled images at percent {cfg.percent:g}; "
-                             f"method {cfg.method!r} needs some")
+            raise ValueError(f"{unlabeled_json}: no unlabeled images (percent {cfg.percent:g}); method "
+                             f"{cfg.method!r} needs some: lower --percent or give --unlabeled-json")
     val = CocoDetection(files.val_json, files.val_images, categories=categories,
                         transform=build_eval_transform(cfg.test_size, cfg.test_max_size))
     val_loader = build_val_loader(val, batch_size=cfg.labeled_batch, num_workers=cfg.num_workers,

@@ -54,6 +54,8 @@ class Config:
     train_images: str = ""
     val_json: str = ""
     val_images: str = ""
+    unlabeled_json: str = ""  # extra unlabeled images; empty: the split's rest (COCO at 100%: unlabeled2017)
+    unlabeled_images: str = ""
     percent: float = 10.0  # share of the training images that keep their labels; 100 = fully supervised
     fold: int = 1  # which random split of that share (1..5, seeded per fold)
     split_file: str = ""  # explicit split file (a list of image ids, or the peers' format) instead of percent / fold
@@ -63,7 +65,7 @@ class Config:
     test_size: int = 800
     test_max_size: int = 1333
     size_divisible: int = 32  # batches are zero-padded to a multiple of this
-    num_workers: int = 0  # data-loading processes; 0 loads in the training process (exact resume)
+    num_workers: int = 0  # data-loading processes; 0 loads in the training process
 
     # ---- detector --------------------------------------------------------------------------------------
     detector: str = "fcos"  # "fcos", "retinanet" or "faster_rcnn"
@@ -245,13 +247,16 @@ class DatasetFiles(NamedTuple):
     train_images: Path
     val_json: Path
     val_images: Path
+    unlabeled_json: Path | None = None  # images for the unsupervised loss besides the split's unlabeled part
+    unlabeled_images: Path | None = None
 
 
 def dataset_files(cfg: Config) -> DatasetFiles:
     """Where the dataset's annotation files and images are; the built-in dataset is generated on first use.
 
     builtin: data.synthetic.ensure_builtin(builtin_dir, spec=BuiltinSpec(**builtin_spec)).
-    coco: the COCO 2017 layout under data_root. Explicit --train-json / --val-json ... override either.
+    coco: the COCO 2017 layout under data_root; at percent 100 (COCO-full) the unlabeled images are
+    unlabeled2017. Explicit --train-json / --val-json / --unlabeled-json ... override either.
     """
     if cfg.dataset == "builtin":
         spec = BuiltinSpec(**cfg.builtin_spec)
@@ -261,11 +266,13 @@ def dataset_files(cfg: Config) -> DatasetFiles:
         paths = coco_paths(cfg.data_root)
         files = DatasetFiles(Path(cfg.data_root), paths.train_json, paths.train_images, paths.val_json,
                              paths.val_images)
+        if cfg.percent == 100:  # COCO-full: all of train2017 labeled, unlabeled2017 unlabeled
+            files = files._replace(unlabeled_json=paths.unlabeled_json, unlabeled_images=paths.unlabeled_images)
     else:
         files = DatasetFiles(Path(cfg.train_json).parent, Path(cfg.train_json), Path(cfg.train_images),
                              Path(cfg.val_json), Path(cfg.val_images))
-    explicit = {name: Path(getattr(cfg, name)) for name in ("train_json", "train_images", "val_json", "val_images")
-                if getattr(cfg, name)}
+    names = ("train_json", "train_images", "val_json", "val_images", "unlabeled_json", "unlabeled_images")
+    explicit = {name: Path(getattr(cfg, name)) for name in names if getattr(cfg, name)}
     return files._replace(**explicit)
 
 
@@ -318,7 +325,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name.replace('_', '-')}"]
         kind = hints[f.name]
-        help_text = comments.get(f.name, "")
+        help_text = comments.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         elif typing.get_origin(kind) is list:
@@ -374,7 +381,7 @@ def resolve_config(overrides: dict) -> Config:
         raise ValueError(f"config: unknown settings {unknown}")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k not in ("dataset", "method", "detector")})
     if not cfg.output_dir:
-        name = f"{cfg.method}_{cfg.detector}_{cfg.percent:g}pct"
-        name = (f"{cfg.dataset}_" if cfg.dataset != "builtin" else "") + name + (f"_fold{cfg.fold}" if cfg.fold != 1 else "")
-        cfg.output_dir = f"runs/{name}"
+        dataset = f"{cfg.dataset}_" if cfg.dataset != "builtin" else ""
+        fold = f"_fold{cfg.fold}" if cfg.fold != 1 else ""
+        cfg.output_dir = f"runs/{dataset}{cfg.method}_{cfg.detector}_{cfg.percent:g}pct{fold}"
     return cfg.validate()

@@ -100,7 +100,7 @@ def test_keep_removes_older_periodic_checkpoints(tmp_path):
     optimizer, scheduler = tiny_training(model)
     for iteration in (10, 20, 30):
         save(tmp_path / ckpt.checkpoint_name(iteration), model, optimizer, scheduler, iteration=iteration, keep=2)
-    assert sorted(p.name for p in tmp_path.glob("*.pth")) == [ckpt.checkpoint_name(20), ckpt.checkpoint_name(30)]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pth")) == [ckpt.checkpoint_name(20), ckpt.checkpoint_name(30)]
     assert ckpt.last_checkpoint(tmp_path).name == ckpt.checkpoint_name(30)
     assert ckpt.last_checkpoint(tmp_path / "nothing_here") is None
 

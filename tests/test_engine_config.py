@@ -40,7 +40,8 @@ def test_every_kind_of_flag_overrides_the_preset():
     assert cfg.output_dir == "somewhere"
     assert parse_config([]).output_dir == "runs/supervised_fcos_10pct"
     assert parse_config(["--method", "soft_teacher"]).output_dir == "runs/soft_teacher_faster_rcnn_10pct"  # README
-    assert parse_config(["--data-root", "/c", "--fold", "2", "--percent", "1"]).output_dir == "runs/coco_supervised_fcos_1pct_fold2"
+    coco = parse_config(["--data-root", "/c", "--fold", "2", "--percent", "1"])
+    assert coco.output_dir == "runs/coco_supervised_fcos_1pct_fold2"
 
 
 @pytest.mark.parametrize("argv, message", [
