@@ -39,7 +39,7 @@ from engine.checkpoint import (check_compatible, checkpoint_name, last_checkpoin
 from engine.config import Config, dataset_files, detector_kwargs, parse_config
 from engine.evaluation import evaluate, load_coco
 from engine.logger import MetricsLog, format_losses, progress_bar
-from semi.core import prefix, pseudo_label_quality, weighted_total
+from semi.core import draw_pseudo_labels, prefix, pseudo_label_quality, weighted_total
 from semi.ema import EMATeacher
 
 
@@ -222,6 +222,11 @@ def train(cfg: Config) -> dict:
                 stats |= unsup.stats
                 if unsup.pseudo_boxes is not None:  # diagnostics against the hidden ground truth
                     stats |= pseudo_label_quality(unsup.pseudo_boxes, unlabeled_batch.weak.targets)
+                    if cfg.draw_period > 0 and (iteration + 1) % cfg.draw_period == 0:
+                        # The teacher's pseudo-boxes on the weak view, carried onto the strong view (PNG).
+                        draw_pseudo_labels(unlabeled_batch, unsup.pseudo_boxes,
+                                           out_dir / "pseudo_labels" / f"{iteration + 1:07d}.png",
+                                           class_names=labeled.class_names)
 
         total = weighted_total(losses, weights)  # the one place weights are applied
         check_finite(total, losses, iteration)

@@ -110,6 +110,7 @@ class Config:
     checkpoint_period: int = 4000
     keep_checkpoints: int = 2  # periodic checkpoints kept on disk, newest first (0: all)
     log_period: int = 20
+    draw_period: int = 0  # semi methods: draw one unlabeled image's pseudo-boxes (weak and strong view) every N iterations (0: never)
     seed: int = 0
     device: str = "cpu"  # "cpu" or "cuda"
     threads: int = 0  # torch intra-op threads; 0: all cores
@@ -198,7 +199,7 @@ def builtin_preset(method: str, detector: str) -> Config:
         # much CPU time at 8 labeled images: Soft Teacher keeps a larger share than the others.
         unlabeled_batch={"supervised": 0, "soft_teacher": 16, "dense_teacher": 8, "sed": 8}[method],
         lr=0.02, warmup_iters=100, milestones=[2 / 3, 8 / 9], max_iter=1500, clip_grad_norm=10.0,
-        eval_period=500, eval_max_images=0, checkpoint_period=500, log_period=20,
+        eval_period=500, eval_max_images=0, checkpoint_period=500, log_period=20, draw_period=250,
         num_workers=0,
     )
     return cfg

@@ -49,8 +49,12 @@ def tiny_semi_config(builtin_dir, output_dir, method, **overrides):
 
 @pytest.mark.parametrize("method", ["soft_teacher", "dense_teacher", "sed"])
 def test_semi_run_trains_student_and_teacher(method, builtin_dir, tmp_path):
-    results = train.train(tiny_semi_config(builtin_dir, tmp_path, method))
+    results = train.train(tiny_semi_config(builtin_dir, tmp_path, method, draw_period=1))
     assert set(results) == {"student", "teacher"}
+    # Every iteration that computed pseudo-boxes drew them (weak view and strong view) to a PNG.
+    drawn = sorted(p.name for p in (tmp_path / "pseudo_labels").glob("*.png"))
+    with_pseudo = [r["iteration"] for r in read_metrics(tmp_path / "metrics.jsonl") if "pseudo_precision" in r]
+    assert with_pseudo and drawn == [f"{i:07d}.png" for i in with_pseudo]
 
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     last = records[-1]
