@@ -2,8 +2,11 @@
 //
 // Everything here is an inline __host__ __device__ function of scalars (or of one row), free of branches
 // that would stop a compiler from vectorising the CPU loops that call it, so the CPU tests exercise the
-// same formulas the GPU runs. float32 uses its own exp / log1p (a range reduction and a polynomial, within
-// about one ulp) because the C library's are calls the vectoriser cannot inline; float64 uses the C library.
+// same formulas the GPU runs. The per-element functions are templates that the CPU's vector loops also
+// instantiate with packs of float lanes (see Lanes<V> below): one definition of the math for the GPU,
+// the CPU's vector loops and their scalar remainders. float32 uses its own exp / log1p (a range reduction
+// and a polynomial, within about one ulp) because the C library's cannot be vectorised; float64 uses the C
+// library.
 #pragma once
 
 #include <cmath>
@@ -61,51 +64,89 @@ SSOD_HD uint64_t double_to_bits(double x) {
 #endif
 }
 
+// The per-element functions below are templates over a "value" type V: a scalar (float or double), or, in
+// the vector loops of the CPU kernels, a pack of float lanes (simd::Pack in cpu/vectorize.h). They use only
+// what both support: arithmetic with scalars, comparisons, and flat selects written where(c, a, b) (c ? a : b
+// for scalars; the pack overloads are found by argument-dependent lookup). So the vector loops evaluate
+// exactly the formulas the scalar code and the GPU evaluate. Lanes<V> names the element type and holds the
+// one bit-level step (2^n from an integral n) that a vector does differently.
+template <typename V>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  using Elem = float;
+  // 2^n for an integral n in [-126, 127].
+  static SSOD_HD float pow2(float n) { return bits_to_float((static_cast<int32_t>(n) + 127) << 23); }
+};
+
+template <>
+struct Lanes<double> {
+  using Elem = double;
+};
+
+template <typename V>
+using ElemOf = typename Lanes<V>::Elem;
+
+// c ? a : b, for scalars.
 template <typename T>
-SSOD_HD T max0(T x) {
-  return x > T(0) ? x : T(0);
+SSOD_HD T where(bool c, T a, T b) {
+  return c ? a : b;
 }
 
-// exp(x) for x <= 0. Below -87.3 (where float32 leaves the normal range) it returns 2^-126 instead of a
-// denormal or zero, which no caller can tell apart from 0.
-SSOD_HD float exp_nonpositive(float x) {
-  // Flat selects, not nested ones, so the loops calling this if-convert (and vectorise).
-  x = x > 0.0f ? 0.0f : x;
-  x = x < -87.3f ? -87.3f : x;
+template <typename V>
+SSOD_HD V max0(V x) {
+  using T = ElemOf<V>;
+  return where(x > T(0), x, T(0));
+}
+
+template <typename V>
+SSOD_HD V abs_value(V x) {
+  return where(x < ElemOf<V>(0), -x, x);
+}
+
+// exp(x) for x <= 0, float32 (V = float or a pack of floats). Below -87.3 (where float32 leaves the normal
+// range) it returns 2^-126 instead of a denormal or zero, which no caller can tell apart from 0. (It is
+// also exact for 0 < x < 88, though no caller needs that.)
+template <typename V>
+SSOD_HD V exp_nonpositive(V x) {
+  // A flat select, not a branch, so the loops calling this if-convert (and vectorise).
+  x = where(x < -87.3f, -87.3f, x);
   // x = n ln2 + r with |r| <= ln2 / 2; adding and subtracting 1.5 * 2^23 rounds to the nearest integer;
   // ln2 is split in two so that n * ln2_hi is exact.
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   // e^r = 1 + r + r^2 P(r), P the degree-5 minimax polynomial of the Cephes library (error ~1 ulp).
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
+  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float e_r = p * (r * r) + r + 1.0f;
-  return e_r * bits_to_float((static_cast<int32_t>(n) + 127) << 23);  // times 2^n
+  const V e_r = p * (r * r) + r + 1.0f;
+  return e_r * Lanes<V>::pow2(n);
 }
 
+// float64: the C library (a non-template overload, so it is the one picked for double).
 SSOD_HD double exp_nonpositive(double x) {
   return exp(x);
 }
 
-// log(1 + a) for a in (-0.5, 1]. With 1 + a = 2^k m, m in [sqrt(1/2), sqrt(2)] and x = m - 1 formed from
-// a without rounding 1 + a (so small a keep full relative precision), log(1 + a) = k ln2 + log(1 + x),
-// log(1 + x) = x - x^2 / 2 + x^3 P(x), P the degree-8 minimax polynomial of the Cephes library. No division.
-SSOD_HD float log1p_small(float a) {
-  const bool high = a > 0.41421356f;    // 1 + a > sqrt(2): m = (1 + a) / 2
-  const bool low = a < -0.29289322f;    // 1 + a < sqrt(1/2): m = 2 (1 + a)
+// log(1 + a) for a in (-0.5, 1], float32 (V = float or a pack of floats). With 1 + a = 2^k m,
+// m in [sqrt(1/2), sqrt(2)] and x = m - 1 formed from a without rounding 1 + a (so small a keep full
+// relative precision), log(1 + a) = k ln2 + log(1 + x), log(1 + x) = x - x^2 / 2 + x^3 P(x), P the degree-8
+// minimax polynomial of the Cephes library. No division.
+template <typename V>
+SSOD_HD V log1p_small(V a) {
+  const auto high = a > 0.41421356f;  // 1 + a > sqrt(2): m = (1 + a) / 2
+  const auto low = a < -0.29289322f;  // 1 + a < sqrt(1/2): m = 2 (1 + a)
   // x and k ln 2 of each range, all computed, then selected without branches.
-  const float x_high = (a - 1.0f) * 0.5f;
-  const float x_low = 2.0f * a + 1.0f;
-  float x = low ? x_low : a;
-  x = high ? x_high : x;
-  float k_ln2 = low ? -0.693147180559945f : 0.0f;
-  k_ln2 = high ? 0.693147180559945f : k_ln2;
-  float p = 7.0376836292e-2f;
-  p = p * x - 1.1514610310e-1f;
+  const V x_high = (a - 1.0f) * 0.5f;
+  const V x_low = 2.0f * a + 1.0f;
+  V x = where(low, x_low, a);
+  x = where(high, x_high, x);
+  V k_ln2 = where(low, -0.693147180559945f, 0.0f);
+  k_ln2 = where(high, 0.693147180559945f, k_ln2);
+  V p = x * 7.0376836292e-2f - 1.1514610310e-1f;
   p = p * x + 1.1676998740e-1f;
   p = p * x - 1.2420140846e-1f;
   p = p * x + 1.4249322787e-1f;
@@ -113,7 +154,7 @@ SSOD_HD float log1p_small(float a) {
   p = p * x + 2.0000714765e-1f;
   p = p * x - 2.4999993993e-1f;
   p = p * x + 3.3333331174e-1f;
-  const float x2 = x * x;
+  const V x2 = x * x;
   return k_ln2 + (x + (p * x * x2 - 0.5f * x2));
 }
 
@@ -151,9 +192,9 @@ SSOD_HD double sqrt_any(double x) {
 
 // 1 / a and 1 / b with one division (a, b in [1, 2], so a * b cannot overflow); divisions are the slowest
 // vector instructions of these loops.
-template <typename T>
-SSOD_HD void two_reciprocals(T a, T b, T& inv_a, T& inv_b) {
-  const T inv_ab = T(1) / (a * b);
+template <typename V>
+SSOD_HD void two_reciprocals(V a, V b, V& inv_a, V& inv_b) {
+  const V inv_ab = ElemOf<V>(1) / (a * b);
   inv_a = b * inv_ab;
   inv_b = a * inv_ab;
 }
@@ -165,37 +206,41 @@ SSOD_HD int32_t gradient_bin(T g, int32_t bins) {
   return b < bins - 1 ? b : bins - 1;
 }
 
+// The sigmoids of a student logit s and a teacher logit t, and the pieces the KL reuses.
+template <typename V>
+SSOD_HD void bernoulli_probs(V s, V t, V& es, V& et, V& rt, V& ps, V& pt) {
+  using T = ElemOf<V>;
+  es = exp_nonpositive(-abs_value(s));  // e = exp(-|x|), in (0, 1]
+  et = exp_nonpositive(-abs_value(t));
+  V rs;
+  two_reciprocals(es + T(1), et + T(1), rs, rt);  // 1 / (1 + e)
+  ps = where(s >= T(0), rs, es * rs);  // sigmoid(s) without overflow
+  pt = where(t >= T(0), rt, et * rt);
+}
+
 // Binary KL(teacher || student) of one element from its logits s (student) and t (teacher), and the
 // gradient norm g = |p_s - p_t| = |dKL / ds|. With e = exp(-|x|), softplus(x) = max(x, 0) + log1p(e), and
 //   KL = p_t (softplus(-s) - softplus(-t)) + q_t (softplus(s) - softplus(t))
 //      = L + p_t (max(-s, 0) - max(-t, 0)) + q_t (max(s, 0) - max(t, 0)),
 // L = log1p(e_s) - log1p(e_t) = log1p((e_s - e_t) / (1 + e_t)): one logarithm, accurate when s ~ t.
-template <typename T>
-SSOD_HD void bernoulli_kl(T s, T t, T& kl, T& g) {
-  const T es = exp_nonpositive(-(s < T(0) ? -s : s));
-  const T et = exp_nonpositive(-(t < T(0) ? -t : t));
-  T rs, rt;
-  two_reciprocals(T(1) + es, T(1) + et, rs, rt);
-  const T ps = s >= T(0) ? rs : es * rs;
-  const T pt = t >= T(0) ? rt : et * rt;
-  const T qt = t >= T(0) ? et * rt : rt;  // 1 - p_t without cancellation
-  const T log_ratio = log1p_small((es - et) * rt);
+template <typename V>
+SSOD_HD void bernoulli_kl(V s, V t, V& kl, V& g) {
+  using T = ElemOf<V>;
+  V es, et, rt, ps, pt;
+  bernoulli_probs(s, t, es, et, rt, ps, pt);
+  const V qt = where(t >= T(0), et * rt, rt);  // 1 - p_t without cancellation
+  const V log_ratio = log1p_small((es - et) * rt);
   kl = log_ratio + pt * (max0(-s) - max0(-t)) + qt * (max0(s) - max0(t));
-  const T d = ps - pt;
-  g = d < T(0) ? -d : d;
+  g = abs_value(ps - pt);
 }
 
 // dKL / ds of one element: p_s - p_t (and g = |p_s - p_t| to find its bin).
-template <typename T>
-SSOD_HD T bernoulli_kl_grad(T s, T t, T& g) {
-  const T es = exp_nonpositive(-(s < T(0) ? -s : s));
-  const T et = exp_nonpositive(-(t < T(0) ? -t : t));
-  T rs, rt;
-  two_reciprocals(T(1) + es, T(1) + et, rs, rt);
-  const T ps = s >= T(0) ? rs : es * rs;
-  const T pt = t >= T(0) ? rt : et * rt;
-  const T d = ps - pt;
-  g = d < T(0) ? -d : d;
+template <typename V>
+SSOD_HD V bernoulli_kl_grad(V s, V t, V& g) {
+  V es, et, rt, ps, pt;
+  bernoulli_probs(s, t, es, et, rt, ps, pt);
+  const V d = ps - pt;
+  g = abs_value(d);
   return d;
 }
 
@@ -226,6 +271,21 @@ SSOD_HD SoftmaxRow<T> softmax_row(const T* x, int64_t C) {
   return {m, T(1) / z, log_any(z)};
 }
 
+// One class's share of the C-way KL of a row and of its gradient norm: from the logits s, t, their
+// exp(x - max) es, et, and the constants of both rows, the KL summand p_t (log p_t - log p_s) and
+// |p_s - p_t|. V is a scalar, or a pack of classes (of one row, or of several rows side by side with T a
+// pack of their constants).
+template <typename V, typename T>
+SSOD_HD void softmax_kl_term(V s, V t, V es, V et, const SoftmaxRow<T>& rs, const SoftmaxRow<T>& rt, V& kl,
+                             V& abs_diff) {
+  const V ps = es * rs.inv_z;
+  const V pt = et * rt.inv_z;
+  const V log_ps = (s - rs.max) - rs.log_z;
+  const V log_pt = (t - rt.max) - rt.log_z;
+  kl = pt * (log_pt - log_ps);
+  abs_diff = abs_value(ps - pt);
+}
+
 // C-way KL(teacher || student) of one row, g = 0.5 sum_c |p_s,c - p_t,c|, and the softmax constants of
 // both rows (the backward needs p_s,c and p_t,c).
 template <typename T>
@@ -235,13 +295,11 @@ SSOD_HD void softmax_kl_row(const T* s, const T* t, int64_t C, T& kl, T& g, Soft
   T acc_kl = T(0), acc_g = T(0);
   SSOD_SIMD_REDUCE(+, acc_kl, acc_g)
   for (int64_t c = 0; c < C; ++c) {
-    const T ps = exp_nonpositive(s[c] - rs.max) * rs.inv_z;
-    const T pt = exp_nonpositive(t[c] - rt.max) * rt.inv_z;
-    const T log_ps = (s[c] - rs.max) - rs.log_z;
-    const T log_pt = (t[c] - rt.max) - rt.log_z;
-    const T d = ps - pt;
-    acc_kl += pt * (log_pt - log_ps);
-    acc_g += d < T(0) ? -d : d;
+    T kl_c, abs_diff;
+    softmax_kl_term(s[c], t[c], exp_nonpositive(s[c] - rs.max), exp_nonpositive(t[c] - rt.max), rs, rt, kl_c,
+                    abs_diff);
+    acc_kl += kl_c;
+    acc_g += abs_diff;
   }
   kl = acc_kl;
   g = T(0.5) * acc_g;
@@ -296,11 +354,12 @@ SSOD_HD uint64_t ordered_key(double x) {
   return (bits & 0x8000000000000000ull) ? ~bits : (bits | 0x8000000000000000ull);
 }
 
-template <typename T>
-SSOD_HD T sigmoid(T x) {
-  const T e = exp_nonpositive(-(x < T(0) ? -x : x));
-  const T r = T(1) / (T(1) + e);
-  return x >= T(0) ? r : e * r;
+template <typename V>
+SSOD_HD V sigmoid(V x) {
+  using T = ElemOf<V>;
+  const V e = exp_nonpositive(-abs_value(x));
+  const V r = T(1) / (e + T(1));
+  return where(x >= T(0), r, e * r);
 }
 
 }  // namespace ssod

@@ -8,12 +8,11 @@
 
 What makes it a detection problem worth solving (the knobs are the fields of `BuiltinSpec`):
 
-* Eight classes told apart by shape only (square, circle, triangle, plus, diamond, ring, star, L-shape);
+* Six classes told apart by shape only (square, circle, triangle, plus, ring, star);
   every object gets a random colour, a colour gradient and a low-frequency texture, so colour says nothing
-  about the class. Shapes are rotated by at most `max_rotation_deg` so that a square stays a square and a
-  diamond a diamond.
-* Object sizes drawn log-uniformly from `min_size`..`max_size` px (default 8..96 px on 128 x 128 images):
-  every octave 8-16, 16-32, 32-64, 64-128 holds many objects, as COCO's small / medium / large do.
+  about the class. Shapes are rotated by at most `max_rotation_deg`, so that a square stays upright.
+* Object sizes drawn log-uniformly from `min_size`..`max_size` px (default 12..96 px on 128 x 128 images,
+  an 8x span): every octave 8-16, 16-32, 32-64, 64-128 holds many objects, as COCO's small / medium / large do.
 * Backgrounds: a colour gradient, low-frequency colour noise and per-pixel noise (`noise_std`), with
   distractor clutter (lines, irregular blobs, scribbles; about `clutter` items per image) that belongs to no
   class; a share of the lines is drawn over the objects.
@@ -21,12 +20,12 @@ What makes it a detection problem worth solving (the knobs are the fields of `Bu
   An annotation keeps the full object box; it is dropped when more than `max_hidden` of the object is
   covered by later objects or clutter.
 * A long tail: class k is drawn with probability proportional to `tail_ratio ** (-k / (C - 1))`, so the
-  most frequent class (square) is `tail_ratio` (8x) as frequent as the rarest (L-shape).
-* `empty_fraction` (5%) of the images hold no object; the others 1..`max_objects` (8), before drops.
+  most frequent class (square) is `tail_ratio` (5x) as frequent as the rarest (star).
+* `empty_fraction` (5%) of the images hold no object; the others 1..`max_objects` (6), before drops.
 
 Every image is generated from its own random stream, seeded by (seed, split, index), so the dataset is
 byte-identical for a given spec whatever the number of worker processes. The JSON is COCO format:
-`categories` (ids 1..8), `images` (ids 1..N per split, `file_name` relative to the split folder),
+`categories` (ids 1..6), `images` (ids 1..N per split, `file_name` relative to the split folder),
 `annotations` (`bbox` [x, y, w, h] in pixels of the full object, `area` the object's pixel area,
 `iscrowd` 0).
 
@@ -53,10 +52,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when the generator's output changes for a given spec: cached datasets of other versions are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Class order = frequency rank (index 0 the most frequent); category id = index + 1.
-CLASS_NAMES = ("square", "circle", "triangle", "plus", "diamond", "ring", "star", "lshape")
+CLASS_NAMES = ("square", "circle", "triangle", "plus", "ring", "star")
 
 _SPLIT_CODE = {"train": 0, "val": 1}
 _SUPERSAMPLE = 4  # shapes are rasterised at 4x and box-filtered down: anti-aliased edges exact to 1/4 px
@@ -71,21 +70,21 @@ class BuiltinSpec:
     num_val: int = 500
     image_size: int = 128  # square images, pixels
     # ---- objects ---------------------------------------------------------------------------------------
-    min_size: float = 8.0  # object size (sqrt of its unrotated box area) is log-uniform in [min_size, max_size]
+    min_size: float = 12.0  # object size (sqrt of its unrotated box area) is log-uniform in [min_size, max_size]
     max_size: float = 96.0
-    max_objects: int = 8  # objects per non-empty image are uniform in 1..max_objects (before occlusion drops)
+    max_objects: int = 6  # objects per non-empty image are uniform in 1..max_objects (before occlusion drops)
     empty_fraction: float = 0.05  # share of images with no object at all
-    tail_ratio: float = 8.0  # frequency of the most frequent class / the rarest
-    max_rotation_deg: float = 15.0  # shapes rotate by at most this (keeps square vs diamond apart)
+    tail_ratio: float = 5.0  # frequency of the most frequent class / the rarest
+    max_rotation_deg: float = 15.0  # shapes rotate by at most this (a square stays upright)
     max_aspect: float = 1.25  # width / height of a shape is in [1 / max_aspect, max_aspect]
-    min_contrast: float = 0.25  # minimum RGB distance (in [0, 1] units) of an object's colour to its background
+    min_contrast: float = 0.4  # minimum RGB distance (in [0, 1] units) of an object's colour to its background
     # ---- occlusion -------------------------------------------------------------------------------------
-    max_overlap: float = 0.4  # a new object's box may overlap an earlier one up to this IoU
-    max_hidden: float = 0.7  # annotations of objects more hidden than this are dropped
+    max_overlap: float = 0.3  # a new object's box may overlap an earlier one up to this IoU
+    max_hidden: float = 0.5  # annotations of objects more hidden than this are dropped
     # ---- background and noise --------------------------------------------------------------------------
-    clutter: float = 6.0  # mean number of distractor items (lines, blobs, scribbles) per image
-    clutter_on_top: float = 0.3  # share of the distractor lines drawn over the objects
-    texture: float = 0.25  # amplitude of the low-frequency colour noise of backgrounds and objects
+    clutter: float = 3.0  # mean number of distractor items (lines, blobs, scribbles) per image
+    clutter_on_top: float = 0.15  # share of the distractor lines drawn over the objects
+    texture: float = 0.15  # amplitude of the low-frequency colour noise of backgrounds and objects
     noise_std: float = 0.05  # per-pixel Gaussian noise, in [0, 1] units
 
     def validate(self) -> "BuiltinSpec":
@@ -361,21 +360,15 @@ def _unit_polygons(rng: np.random.Generator, label: int) -> list[tuple[np.ndarra
         t = rng.uniform(0.28, 0.4)  # half-width of an arm
         shape = [(np.array([[-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1], [-t, 1], [-t, t], [-1, t],
                             [-1, -t], [-t, -t]]), 1)]
-    elif name == "diamond":
-        shape = [(np.array([[0, -1], [1, 0], [0, 1], [-1, 0]], float), 1)]
     elif name == "ring":
         shape = [(circle, 1), (circle * rng.uniform(0.45, 0.62), 0)]
-    elif name == "star":
+    else:  # star, five points
         inner = rng.uniform(0.38, 0.5)
         angles = -np.pi / 2 + np.arange(10) * np.pi / 5
         radii = np.where(np.arange(10) % 2 == 0, 1.0, inner)
         points = np.stack([np.cos(angles), np.sin(angles)], 1) * radii[:, None]
         low, high = points.min(0), points.max(0)
         shape = [(2 * (points - low) / (high - low) - 1, 1)]  # stretch to fill [-1, 1]^2
-    else:  # lshape, in one of its four orientations
-        t = 2 * rng.uniform(0.35, 0.45)  # thickness of a bar
-        points = np.array([[-1, -1], [-1 + t, -1], [-1 + t, 1 - t], [1, 1 - t], [1, 1], [-1, 1]], float)
-        shape = [(points * rng.choice((-1, 1), 2), 1)]
     return shape
 
 
@@ -434,7 +427,7 @@ def _paint_object(rng, image, alpha, offset, box, spec: BuiltinSpec) -> np.ndarr
         if np.linalg.norm(colour - background) >= spec.min_contrast:
             break
         colour = rng.uniform(0, 1, 3)
-    shade = rng.uniform(-0.25, 0.25, 3)  # the colour drifts by this across the object
+    shade = rng.uniform(-0.15, 0.15, 3)  # the colour drifts by this across the object
     fill = colour + shade * (_gradient(rng, h, w)[..., None] - 0.5)
     fill = fill + spec.texture * 0.6 * _smooth_noise(rng, h, w, cells=int(rng.integers(2, 6)))
     fill = np.clip(fill, 0, 1)

@@ -70,7 +70,7 @@ def test_default_spec_properties():
     assert sides.max() / sides.min() >= 8
     for low in (8, 16, 32, 64):
         assert ((sides >= low) & (sides < 2 * low)).sum() >= 0.08 * len(sides), f"octave {low}-{2 * low} is thin"
-    assert counts[1] >= 4 * counts[len(CLASS_NAMES)]  # long tail: expected ratio 8
+    assert counts[1] >= 0.6 * spec.tail_ratio * counts[len(CLASS_NAMES)]  # long tail (expected ratio: tail_ratio)
     assert 0 in per_image and max(per_image) <= spec.max_objects
     assert 2 <= np.mean(per_image) <= 6
 

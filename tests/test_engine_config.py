@@ -57,8 +57,15 @@ def test_bad_settings_name_the_field(argv, message):
         parse_config(argv)
 
 
-def test_empty_key_value_flag_gives_an_empty_dict_and_help_lists_field_comments(capsys):
-    assert parse_config(["--method", "sed", "--method-args"]).method_args == {}
+def test_dict_flags_update_the_presets_entries_key_by_key(capsys):
+    preset = parse_config(["--method", "soft_teacher"]).method_args
+    assert parse_config(["--method", "soft_teacher", "--method-args"]).method_args == preset
+    changed = parse_config(["--method", "soft_teacher", "--method-args", "soft_background=false"]).method_args
+    assert changed == preset | {"soft_background": False}
+    assert parse_config(["--builtin-spec", "num_train=20"]).builtin_spec == {"num_train": 20}
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    assert "share of the training images that keep their labels" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parse_config(["--help"])
     assert "share of the training images that keep their labels" in capsys.readouterr().out

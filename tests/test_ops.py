@@ -135,6 +135,71 @@ def test_ghm_kl_bins(bins):
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
 
 
+@needs_ext
+@pytest.mark.parametrize("bins", [1, 3, 17, 33, 50])
+def test_ghm_kl_bins_forward_and_backward(bins):
+    # The CPU kernel takes different paths by the number of bins (bin sums by vector compares up to 32 bins,
+    # scattered beyond; the backward's weights by a lane-wise table lookup up to 32 bins, gathered beyond),
+    # and the vector loops run on whole vectors with a scalar remainder: 5000 elements exercise both.
+    gen = torch.Generator().manual_seed(bins)
+    s, t = torch.randn(1000, 5, generator=gen) * 3, torch.randn(1000, 5, generator=gen) * 3
+    s_kernel, s_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
+    out = ops.ghm_kl_with_counts(s_kernel, t, mode="sigmoid", bins=bins)
+    ref = ops.ghm_kl_reference(s_ref, t, mode="sigmoid", bins=bins)
+    assert torch.equal(out.counts, ref.counts)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(s_kernel.grad, s_ref.grad, rtol=1e-5, atol=1e-9)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes", [2, 8, 15, 16, 17, 32, 80, 81, 1500])
+def test_ghm_kl_softmax_row_widths(dtype, classes):
+    # The CPU kernel reads a row as vectors of up to 16 classes, the last one overlapping the one before (or
+    # padded, for rows shorter than a vector); rows wider than 1024 classes go one class at a time.
+    gen = torch.Generator().manual_seed(classes)
+    s = torch.randn(67, classes, generator=gen, dtype=dtype) * 3
+    t = torch.randn(67, classes, generator=gen, dtype=dtype) * 3
+    s_kernel, s_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
+    out = ops.ghm_kl_with_counts(s_kernel, t, mode="softmax", bins=10)
+    ref = ops.ghm_kl_reference(s_ref, t, mode="softmax", bins=10)
+    assert torch.equal(out.counts, ref.counts)
+    torch.testing.assert_close(out.loss, ref.loss, **tolerances(dtype))
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(s_kernel.grad, s_ref.grad, **tolerances(dtype))
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_ghm_kl_extreme_logits_in_the_vector_loops(mode):
+    # Saturated and huge logits spread over whole vectors (not only the scalar remainder).
+    gen = torch.Generator().manual_seed(7)
+    s = torch.randn(96, 40, generator=gen) * 60
+    t = torch.randn(96, 40, generator=gen) * 60
+    s[::3] = 100.0
+    t[::5] = -100.0
+    s_kernel, s_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
+    out = ops.ghm_kl_with_counts(s_kernel, t, mode=mode, bins=10)
+    ref = ops.ghm_kl_reference(s_ref, t, mode=mode, bins=10)
+    out.loss.backward()
+    ref.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(s_kernel.grad).all()
+    assert torch.equal(out.counts, ref.counts)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_kernel.grad, s_ref.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_ghm_kl_g_exactly_zero_and_one_in_the_vector_loops():
+    s = torch.tensor([0.0, 3.0, 100.0, -100.0]).repeat(256).reshape(16, 64)
+    t = torch.tensor([0.0, 3.0, -100.0, 100.0]).repeat(256).reshape(16, 64)
+    out = ops.ghm_kl_with_counts(s, t, mode="sigmoid", bins=10)
+    assert out.counts.tolist() == [512] + [0] * 8 + [512]
+    assert out.loss.item() == pytest.approx(200.0 / 2 / 10, rel=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ghm_kl_extreme_logits_are_finite(mode, dtype):
@@ -334,6 +399,18 @@ def test_frs_topk_mask_matches_reference(device, dtype, shape, ratio, contiguous
     if not contiguous:
         logits = make_noncontiguous(logits)
     _check_frs(logits, ratio)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes", [15, 16, 17, 80, 81])
+def test_frs_topk_mask_row_widths(dtype, classes):
+    # The CPU kernel reads rows of at least 16 classes as vectors, the last one overlapping the one before;
+    # put each row's maximum in every position, the overlapped lanes included.
+    gen = torch.Generator().manual_seed(classes)
+    logits = torch.randn(3000, classes, generator=gen, dtype=dtype)
+    rows = torch.arange(3000)
+    logits[rows, rows % classes] += 5.0
+    _check_frs(logits, 0.1)
 
 
 @pytest.mark.parametrize("device", DEVICES)

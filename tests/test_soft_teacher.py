@@ -429,7 +429,8 @@ def test_short_soft_teacher_run_through_train_py(tmp_path):
         box_head_dim=32, rpn_pre_nms_train=100, rpn_post_nms_train=50, rpn_pre_nms_test=100, rpn_post_nms_test=50,
         roi_batch_size=32, labeled_batch=1, unlabeled_batch=2, max_iter=3, warmup_iters=1, eval_period=1000,
         checkpoint_period=3, log_period=1, threads=1, seed=0,
-        method_args=dict(initial_score_thr=0.0, rpn_score_thr=0.0, cls_score_thr=0.0, teacher_detections=10)))
+        method_args=dict(initial_score_thr=0.0, rpn_score_thr=0.0, cls_score_thr=0.0, teacher_detections=10,
+                         burn_in=0, ramp=0)))
     results = train.train(cfg)
     torch.set_num_threads(1)
 

@@ -41,7 +41,7 @@ def tiny_semi_config(builtin_dir, output_dir, method, **overrides):
                     warmup_iters=1, milestones=[0.5], max_iter=3, eval_period=1000, checkpoint_period=1000,
                     log_period=1, threads=1, seed=0)
     if method == "soft_teacher":
-        settings |= TINY_FASTER_RCNN | {"method_args": {"jitter_times": 2}}
+        settings |= TINY_FASTER_RCNN | {"method_args": {"jitter_times": 2, "burn_in": 0, "ramp": 0}}  # unsup from step 0
     if method == "dense_teacher":  # burn-in for iteration 0, teacher copied at 1, full weight from 2
         settings |= {"method_args": {"burn_in": 1, "ramp": 1, "teacher_init": 1}}
     return resolve_config(settings | overrides)

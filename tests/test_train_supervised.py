@@ -14,7 +14,7 @@ import torch
 
 import evaluate
 import train
-from data.synthetic import BuiltinSpec, ensure_builtin
+from data.synthetic import CLASS_NAMES, BuiltinSpec, ensure_builtin
 from engine.checkpoint import atomic_save, last_checkpoint, load_checkpoint, point_last
 from engine.config import Config, resolve_config
 from engine.logger import read_metrics
@@ -74,7 +74,8 @@ def test_run_writes_config_metrics_checkpoints_and_evaluation(uninterrupted):
     assert last_checkpoint(run_dir).name == "checkpoint_0000004.pth"
     state = load_checkpoint(last_checkpoint(run_dir))
     assert state["iteration"] == 4 and state["teacher"] is None
-    assert state["meta"]["num_classes"] == 8 and state["meta"]["category_ids"] == list(range(1, 9))
+    classes = len(CLASS_NAMES)
+    assert state["meta"]["num_classes"] == classes and state["meta"]["category_ids"] == list(range(1, classes + 1))
     assert Config.from_dict(state["config"]) == Config.from_dict(json.loads((run_dir / "config.json").read_text()))
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3, 4]
@@ -150,7 +151,7 @@ def test_checkpoints_of_another_model_fail_naming_the_file(uninterrupted, builti
     state["meta"]["num_classes"] = 3
     atomic_save(state, tmp_path / "checkpoint_0000002.pth")
     point_last(tmp_path / "checkpoint_0000002.pth")
-    with pytest.raises(ValueError, match=r"checkpoint_0000002\.pth was trained on 3 classes.*has 8"):
+    with pytest.raises(ValueError, match=rf"checkpoint_0000002\.pth was trained on 3 classes.*has {len(CLASS_NAMES)}"):
         train.train(tiny_config(builtin_dir, tmp_path, resume=True))
 
     # Weights of another class count: the error names the file and the mismatching tensor.
