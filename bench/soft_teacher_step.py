@@ -1,6 +1,6 @@
 """The cost of Soft Teacher: one training step against a supervised step on the same labeled batch.
 
-    python bench/soft_teacher_step.py                                  # the built-in preset: 8 + 16 images, 128 px
+    python bench/soft_teacher_step.py                                  # the built-in preset: 8 + 4 images, 128 px
     python bench/soft_teacher_step.py --labeled 2 --unlabeled 8 --steps 3 --threads 1
 
 Supervised step: supervised losses of the student on the labeled batch, backward, SGD step.
