@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUPERVISED_DETECTOR = {"soft_teacher": "faster_rcnn", "dense_teacher": "fcos", "sed": "faster_rcnn"}
 
 
 def final_metrics(run_dir: Path) -> dict[str, dict] | None:
@@ -100,14 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    detector = args.detector or SUPERVISED_DETECTOR[args.method]
-    out = Path(args.out) / f"{args.method}_{detector}_{args.percent:g}pct"
-    out.mkdir(parents=True, exist_ok=True)
-
-    # The method's preset fixes the schedule and the labeled batch; the baselines copy both.
+    # The method's preset fixes the detector (its paper's, unless given), the schedule and the labeled batch;
+    # the baselines copy all three.
     sys.path.insert(0, str(ROOT))
     from engine.config import resolve_config
-    preset = resolve_config({"method": args.method, "detector": detector})
+    preset = resolve_config({"method": args.method, "detector": args.detector})
+    detector = preset.detector
+    out = Path(args.out) / f"{args.method}_{detector}_{args.percent:g}pct"
+    out.mkdir(parents=True, exist_ok=True)
     max_iter = args.max_iter or preset.max_iter
     shared = ["--detector", detector, "--max-iter", str(max_iter), "--labeled-batch", str(preset.labeled_batch),
               "--draw-period", "0", *shlex.split(args.extra)]
