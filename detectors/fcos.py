@@ -14,6 +14,9 @@ Settings follow torchvision's `fcos_resnet50_fpn`, which differs from the paper 
 weight compatibility: the location of a cell is its top-left corner (x * s, y * s) rather than the cell
 centre (s / 2 + x * s, paper Sec. 3.1); P6 and P7 come from P5; there is no learnt per-level scale on the
 box distances (a ReLU makes them >= 0, the paper uses exp); the GIoU loss is not weighted by centerness.
+The ReLU can die when training from scratch at a high learning rate: once every distance output is negative,
+no gradient reaches the box branch again and the GIoU loss stays at 1. `box_activation="exp"` (the paper's
+exp(x), with the distances still divided by the stride) has no such dead zone; the built-in preset uses it.
 
 Locations ("anchors"). Each location of level l carries one square anchor of side s_l (its stride) centred
 on the location: the square's centre is the point where distances are measured from, and its side
@@ -64,15 +67,24 @@ class FCOSHead(nn.Module):
         norm_groups: GroupNorm groups (32 in the paper; a 64-channel FPN works with 32 or 16).
         prior_probability: initial foreground probability of every class logit (RetinaNet paper, Sec. 4.1),
             so that the many negatives do not swamp the focal loss at the first iterations.
+        box_activation: "relu" (torchvision) or "exp" (the FCOS paper's exp(s_i x), Sec. 3.2, without the learnt
+            s_i since the distances are already divided by the stride; exp keeps a gradient for every output).
+            Both give distances / stride >= 0.
     """
 
+    # exp's input is capped so that a distance stays finite: e^10 strides is far beyond any image.
+    MAX_LOG_DISTANCE = 10.0
+
     def __init__(self, in_channels: int, num_classes: int, *, num_convs: int = 4, norm_groups: int = 32,
-                 prior_probability: float = 0.01):
+                 prior_probability: float = 0.01, box_activation: str = "relu"):
         super().__init__()
         if norm_groups and in_channels % norm_groups:
             raise ValueError(f"detectors/fcos.py: {in_channels} head channels are not divisible into "
                              f"{norm_groups} GroupNorm groups")
+        if box_activation not in ("relu", "exp"):
+            raise ValueError(f"detectors/fcos.py: box_activation must be 'relu' or 'exp', got {box_activation!r}")
         self.num_classes = num_classes
+        self.box_activation = box_activation
         self.cls_tower = conv_tower(in_channels, num_convs, norm_groups)
         self.box_tower = conv_tower(in_channels, num_convs, norm_groups)
         self.cls_logits = nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=1)
@@ -90,7 +102,10 @@ class FCOSHead(nn.Module):
         for x in features:
             cls_features, box_features = self.cls_tower(x), self.box_tower(x)
             cls_logits.append(to_rows(self.cls_logits(cls_features), self.num_classes))  # (B, C, H, W) -> (B, HW, C)
-            box_reg.append(to_rows(F.relu(self.box_reg(box_features)), 4))  # (B, 4, H, W) -> (B, HW, 4)
+            raw = self.box_reg(box_features)  # (B, 4, H, W)
+            distances = (F.relu(raw) if self.box_activation == "relu"
+                         else torch.exp(raw.clamp(max=self.MAX_LOG_DISTANCE)))
+            box_reg.append(to_rows(distances, 4))  # (B, 4, H, W) -> (B, HW, 4)
             quality.append(to_rows(self.quality(box_features), 1))  # (B, 1, H, W) -> (B, HW, 1)
         return HeadOutput(cls_logits, box_reg, quality)
 
@@ -111,14 +126,14 @@ class FCOS(nn.Module):
 
     def __init__(self, backbone: ResNetFPN, *, num_classes: int, head: nn.Module | None = None,
                  strides: tuple[int, ...] = STRIDES, num_convs: int = 4, norm_groups: int = 32,
-                 pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+                 box_activation: str = "relu", pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
         super().__init__()
         if tuple(backbone.strides) != tuple(strides):
             raise ValueError(f"detectors/fcos.py: backbone strides {backbone.strides} != head strides {strides}")
         self.num_classes = num_classes
         self.backbone = backbone
         self.head = head if head is not None else FCOSHead(backbone.out_channels, num_classes, num_convs=num_convs,
-                                                           norm_groups=norm_groups)
+                                                           norm_groups=norm_groups, box_activation=box_activation)
         # One square anchor of side = stride per location: its centre is the FCOS point.
         self.anchor_generator = AnchorGenerator(sizes=tuple((s,) for s in strides),
                                                 aspect_ratios=((1.0,),) * len(strides), strides=strides)
@@ -349,14 +364,16 @@ class FCOSParts(NamedTuple):
 
 def build_fcos(*, num_classes: int, backbone: str = "resnet50", fpn_channels: int = 256,
                backbone_weights: str | None = None, frozen_stages: int = 1, num_convs: int = 4,
-               norm_groups: int = 32, center_sampling_radius: float = 1.5, range_multiplier: float = 1.0,
+               norm_groups: int = 32, box_activation: str = "relu", center_sampling_radius: float = 1.5,
+               range_multiplier: float = 1.0,
                size_ranges=None, quality: str = "centerness", score_thresh: float = 0.05,
                topk_candidates: int = 1000, nms_thresh: float = 0.6, detections_per_image: int = 100) -> FCOSParts:
     """FCOS + ResNet-FPN P3..P7 (P6, P7 from P5) with torchvision's defaults, except score_thresh 0.05
     (torchvision: 0.2). See FCOSHead, FCOSCriterion and FCOSPostprocessor for the arguments."""
     body = build_resnet_fpn(backbone, out_channels=fpn_channels, weights=backbone_weights,
                             frozen_stages=frozen_stages, levels=(3, 4, 5), extra_blocks="p6p7", p6p7_from="p5")
-    model = FCOS(body, num_classes=num_classes, num_convs=num_convs, norm_groups=norm_groups)
+    model = FCOS(body, num_classes=num_classes, num_convs=num_convs, norm_groups=norm_groups,
+                 box_activation=box_activation)
     criterion = FCOSCriterion(num_classes=num_classes, center_sampling_radius=center_sampling_radius,
                               range_multiplier=range_multiplier, size_ranges=size_ranges, quality=quality)
     postprocessor = FCOSPostprocessor(score_thresh=score_thresh, topk_candidates=topk_candidates,

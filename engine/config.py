@@ -76,6 +76,7 @@ class Config:
     head_convs: int = 4  # FCOS / RetinaNet: conv layers per head tower
     anchor_sizes: list[int] = field(default_factory=list)  # base anchor size per FPN level; [] = COCO default
     fcos_range_multiplier: float = 1.0  # FCOS: scales every size-of-interest bound (COCO: 64, 128, 256, 512)
+    fcos_box_activation: str = "relu"  # FCOS: "relu" (torchvision) or "exp" (the FCOS paper; cannot die)
     box_head_dim: int = 1024  # Faster R-CNN: width of the two fully connected RoI layers
     rpn_pre_nms_train: int = 2000  # Faster R-CNN: candidates per level before NMS, training
     rpn_pre_nms_test: int = 1000  # ... and testing
@@ -195,6 +196,8 @@ def builtin_preset(method: str, detector: str) -> Config:
         # One anchor size per level, COCO's / 4: RetinaNet P3-P7 (COCO 32..512), Faster R-CNN P2-P6 (32..512).
         anchor_sizes=[8, 16, 32, 64, 128],
         fcos_range_multiplier=0.25,  # size-of-interest bounds 16, 32, 64, 128 (COCO: 64, 128, 256, 512)
+        # From scratch at lr 0.02 the ReLU on FCOS's distances died in a tuning run (GIoU loss stuck at 1).
+        fcos_box_activation="exp",
         roi_canonical_scale=56,  # COCO's 224 / 4
         box_head_dim=256, rpn_pre_nms_train=1000, rpn_pre_nms_test=1000, rpn_post_nms_train=300,
         rpn_post_nms_test=300, roi_batch_size=128,
@@ -301,7 +304,8 @@ def detector_kwargs(cfg: Config) -> dict:
     kwargs = dict(backbone=cfg.backbone, fpn_channels=cfg.fpn_channels, backbone_weights=cfg.backbone_weights or None,
                   trainable_layers=cfg.trainable_layers)
     if cfg.detector == "fcos":
-        return kwargs | dict(num_convs=cfg.head_convs, range_multiplier=cfg.fcos_range_multiplier)
+        return kwargs | dict(num_convs=cfg.head_convs, range_multiplier=cfg.fcos_range_multiplier,
+                             box_activation=cfg.fcos_box_activation)
     if cfg.detector == "retinanet":
         return kwargs | dict(num_convs=cfg.head_convs, anchor_sizes=cfg.anchor_sizes or None)
     if cfg.detector == "faster_rcnn":

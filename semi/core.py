@@ -14,6 +14,7 @@ recall at IoU 0.5), and `draw_pseudo_labels` draws one image's pseudo-boxes on t
 onto the strong view.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -169,8 +170,9 @@ def pseudo_label_quality(pseudo: Sequence[dict[str, Tensor]], hidden_targets: Se
     pseudo: B dicts {"boxes" (K_i, 4), "scores" (K_i,), "labels" (K_i,)}; hidden_targets: B dicts
     {"boxes" (N_i, 4), "labels" (N_i,)}, both xyxy pixels of the same (weak) view. Matching per image as in
     `match_pseudo_labels`; counts summed over the batch. Returns
-    {"pseudo_precision": TP / max(1, K), "pseudo_recall": TP / max(1, N), "pseudo_num": K / B,
-     "pseudo_num_gt": N / B} with K, N the batch's totals (precision 0 when there is no pseudo-box).
+    {"pseudo_precision": TP / K, "pseudo_recall": TP / N, "pseudo_num": K / B, "pseudo_num_gt": N / B} with K, N
+    the batch's totals. Precision is nan when there is no pseudo-box, recall nan when there is no hidden box:
+    "undefined", which a 0 would hide (a teacher that proposes nothing is not wrong about anything).
     """
     if len(pseudo) != len(hidden_targets):
         raise ValueError(f"semi/core.py: {len(pseudo)} pseudo-label dicts for {len(hidden_targets)} images")
@@ -181,7 +183,8 @@ def pseudo_label_quality(pseudo: Sequence[dict[str, Tensor]], hidden_targets: Se
         num_pseudo += len(p["boxes"])
         num_gt += len(t["boxes"])
     images = max(1, len(pseudo))
-    return {"pseudo_precision": true_pos / max(1, num_pseudo), "pseudo_recall": true_pos / max(1, num_gt),
+    return {"pseudo_precision": true_pos / num_pseudo if num_pseudo else math.nan,
+            "pseudo_recall": true_pos / num_gt if num_gt else math.nan,
             "pseudo_num": num_pseudo / images, "pseudo_num_gt": num_gt / images}
 
 

@@ -87,6 +87,26 @@ def test_groupnorm_channels_must_divide():
         small_fcos(fpn_channels=48)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_box_activation_exp_keeps_a_gradient_where_relu_is_dead(dtype):
+    """With every raw distance negative, ReLU passes no gradient (the collapse of a from-scratch run); exp does."""
+    from detectors.fcos import FCOSHead
+
+    features = [torch.randn(1, 32, 4, 4, dtype=dtype)]
+    grads = {}
+    for activation in ("relu", "exp"):
+        torch.manual_seed(0)
+        head = FCOSHead(32, NUM_CLASSES, num_convs=1, norm_groups=8, box_activation=activation).to(dtype)
+        torch.nn.init.constant_(head.box_reg.bias, -5.0)  # every raw distance < 0
+        distances = torch.cat(head(features).box_reg, 1)
+        assert (distances >= 0).all() and distances.dtype == dtype
+        distances.sum().backward()
+        grads[activation] = head.box_reg.bias.grad.abs().sum().item()
+    assert grads["relu"] == 0.0 and grads["exp"] > 0.0
+    with pytest.raises(ValueError, match="box_activation"):
+        FCOSHead(32, NUM_CLASSES, norm_groups=8, box_activation="softplus")
+
+
 # --------------------------------------------------------------------------------------------------------
 # Target assignment
 # --------------------------------------------------------------------------------------------------------

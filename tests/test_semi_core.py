@@ -320,7 +320,10 @@ def test_quality_over_a_batch_with_empty_images():
     quality = pseudo_label_quality(pseudo, gt)
     assert quality == {"pseudo_precision": 1 / 2, "pseudo_recall": 1 / 3, "pseudo_num": 2 / 3, "pseudo_num_gt": 1.0}
     nothing = pseudo_label_quality([boxes_dict([], [], [])], [boxes_dict([], [])])
-    assert nothing == {"pseudo_precision": 0.0, "pseudo_recall": 0.0, "pseudo_num": 0.0, "pseudo_num_gt": 0.0}
+    assert math.isnan(nothing["pseudo_precision"]) and math.isnan(nothing["pseudo_recall"])
+    assert nothing["pseudo_num"] == 0.0 and nothing["pseudo_num_gt"] == 0.0
+    none_proposed = pseudo_label_quality([boxes_dict([], [], [])], gt[:1])
+    assert math.isnan(none_proposed["pseudo_precision"]) and none_proposed["pseudo_recall"] == 0.0
     with pytest.raises(ValueError, match="2 pseudo-label dicts for 3 images"):
         pseudo_label_quality(pseudo[:2], gt)
 
