@@ -101,7 +101,8 @@ setup(
     python_requires=">=3.10",
     packages=["detectors", "semi", "data", "engine"],
     install_requires=["torch", "torchvision", "numpy", "pycocotools", "pillow", "tqdm", "ninja"],
-    extras_require={"tb": ["tensorboard"]},
+    # Optional: TensorBoard event files (train.py --tensorboard) and the plots of `python -m engine.plot`.
+    extras_require={"tb": ["tensorboard"], "plot": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -5,6 +5,7 @@
     python train.py --method dense_teacher --max-iter 300 --output-dir runs/try
     python train.py --data-root /data/coco --method sed --backbone-weights resnet50.pth
     python train.py --output-dir runs/try --resume       # continue where the last checkpoint left off
+    python train.py --method dense_teacher --amp bf16 --tensorboard   # mixed precision; TensorBoard event files
 
 Every setting is a flag (engine/config.py); `python train.py --help` lists them. The file reads top to
 bottom: config -> data -> model -> optimizer -> resume -> the loop -> the final evaluation.
@@ -16,17 +17,25 @@ One iteration (ARCHITECTURE.md, "The training loop and the method interface"):
     total  = sum of weight * term over the "sup_*" and "unsup_*" terms          (semi.core: the one place)
     total.backward(); clip; optimizer.step(); scheduler.step()
     teacher <- EMA of the student                                              (a visible call, below)
+
+Several GPUs or machines (README, "Distributed training"): `torchrun --nproc_per_node 8 train.py ...` runs this
+file once per GPU. Each process (rank) takes 1 / N of every global batch; the loss computation runs inside one
+DistributedDataParallel forward, so that backward averages the gradients and every rank takes the same step
+(engine/distributed.py). Rank 0 alone prints, logs, evaluates the gathered detections and writes files.
 """
 
+import functools
 import math
 import os
 import random
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch import Tensor
 
 import detectors
 import semi
@@ -34,8 +43,10 @@ from data.coco import CocoDetection, load_unlabeled
 from data.loader import Batch, UnlabeledBatch, build_train_loaders, build_val_loader
 from data.splits import make_split, split_from_file
 from data.transforms import build_eval_transform, build_labeled_transform, build_unlabeled_transform
-from engine.checkpoint import (check_compatible, checkpoint_name, last_checkpoint, load_checkpoint, load_model_state,
-                               restore_rng_state, save_checkpoint)
+from detectors.precision import mixed_precision
+from engine import distributed
+from engine.checkpoint import (capture_rng_state, check_compatible, checkpoint_name, last_checkpoint, load_checkpoint,
+                               load_model_state, restore_rng_state, save_checkpoint)
 from engine.config import Config, dataset_files, detector_kwargs, parse_config
 from engine.evaluation import evaluate, load_coco
 from engine.logger import MetricsLog, format_losses, progress_bar
@@ -82,30 +93,75 @@ def check_finite(total: torch.Tensor, losses: dict[str, torch.Tensor], iteration
         raise FloatingPointError(f"non-finite total loss {total.item()} at iteration {iteration}; terms: {terms}")
 
 
+class IterationLosses(NamedTuple):
+    """What the forward passes of one iteration give (`iteration_losses`)."""
+
+    total: Tensor  # () the weighted sum of the terms: what backward runs on
+    losses: dict[str, Tensor]  # unweighted () terms, "sup_*" and "unsup_*"
+    weights: dict[str, float]  # the weight of each term
+    stats: dict[str, float]  # the method's statistics
+    pseudo_boxes: list[dict] | None  # the method's pseudo-labels in the weak view, for diagnostics
+
+
+def iteration_losses(*, student, teacher, method, labeled: Batch, unlabeled: UnlabeledBatch | None,
+                     iteration: int) -> IterationLosses:
+    """Every forward pass of the student in one iteration: the supervised loss on the labeled batch and the
+    method's unsupervised loss on the unlabeled one, weighted once. Under DDP this whole function runs inside
+    one forward of the wrapped student (`distributed.loss_runner`)."""
+    # Supervised loss on the labeled batch (its terms keep their names, prefixed "sup_").
+    sup = detectors.supervised_losses(student, labeled.images, labeled.image_sizes, labeled.targets)
+    losses = prefix(sup, "sup_")
+    weights = {key: 1.0 for key in losses}
+    stats, pseudo_boxes = {}, None
+
+    # Unsupervised loss on the unlabeled batch, skipped while every weight is 0 (burn-in).
+    if method is not None:
+        unsup_weights = method.loss_weights(iteration)
+        if any(w > 0 for w in unsup_weights.values()):
+            unsup = method.unsupervised_loss(student=student, teacher=teacher, unlabeled=unlabeled,
+                                             iteration=iteration)
+            losses |= prefix(unsup.losses, "unsup_")
+            weights |= unsup_weights
+            stats |= unsup.stats
+            pseudo_boxes = unsup.pseudo_boxes
+
+    total = weighted_total(losses, weights)  # the one place weights are applied
+    return IterationLosses(total=total, losses=losses, weights=weights, stats=stats, pseudo_boxes=pseudo_boxes)
+
+
 def train(cfg: Config) -> dict:
     """Run the training `cfg` describes. Returns the final evaluation {"student": metrics, "teacher": metrics}
-    (no "teacher" for supervised runs), metrics as in engine.evaluation.METRIC_NAMES."""
+    (no "teacher" for supervised runs), metrics as in engine.evaluation.METRIC_NAMES.
+
+    Under torchrun every rank runs this function (engine/distributed.py); each returns the same metrics."""
     # ---- setup -----------------------------------------------------------------------------------------------
+    device = distributed.init(cfg.device)  # joins torchrun's process group, if launched by it
+    main, world = distributed.is_main(), distributed.world_size()
+    batch = cfg.per_process_batch(world)  # images per rank and iteration: the global batches / world
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"config:\n{cfg}", flush=True)
-    cfg.save(out_dir / "config.json")
-    torch.set_num_threads(cfg.threads or os.cpu_count())
+    if main:  # rank 0 alone prints and writes files
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"config:\n{cfg}", flush=True)
+        cfg.save(out_dir / "config.json")
+        if world > 1:
+            print(f"distributed: {world} processes, each {batch.labeled} labeled + {batch.unlabeled} unlabeled images "
+                  f"per iteration (global batch {cfg.labeled_batch} + {batch.unlabeled * world})", flush=True)
+    torch.set_num_threads(cfg.threads or max(1, os.cpu_count() // distributed.local_world_size()))  # cores shared
     seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
 
     # A method owns its unsupervised loss, its loss weights (burn-in included) and its teacher's EMA rate.
     method = semi.build_method(cfg.method, cfg=cfg, detector_name=cfg.detector)  # None for "supervised"
 
     # ---- data ------------------------------------------------------------------------------------------------
     # The labeled share of the training images (percent / fold, or a split file); the rest is unlabeled.
-    files = dataset_files(cfg)
-    split_dir = cfg.split_dir or (files.root / "splits" if cfg.dataset == "builtin" else out_dir / "splits")
-    if cfg.split_file:
-        split = split_from_file(files.train_json, split_file=cfg.split_file, out_dir=split_dir, percent=cfg.percent,
-                                fold=cfg.fold)
-    else:
-        split = make_split(files.train_json, percent=cfg.percent, fold=cfg.fold, out_dir=split_dir)
+    with distributed.main_first():  # rank 0 generates the built-in dataset and writes the split; the others read
+        files = dataset_files(cfg)
+        split_dir = cfg.split_dir or (files.root / "splits" if cfg.dataset == "builtin" else out_dir / "splits")
+        if cfg.split_file:
+            split = split_from_file(files.train_json, split_file=cfg.split_file, out_dir=split_dir,
+                                    percent=cfg.percent, fold=cfg.fold)
+        else:
+            split = make_split(files.train_json, percent=cfg.percent, fold=cfg.fold, out_dir=split_dir)
 
     sizes = dict(short_sides=cfg.train_sizes, max_size=cfg.train_max_size)
     two_view_labeled = method is not None and "strong" in method.labeled_views
@@ -126,15 +182,21 @@ def train(cfg: Config) -> dict:
                              f"{cfg.method!r} needs some: lower --percent or give --unlabeled-json")
     val = CocoDetection(files.val_json, files.val_images, categories=categories,
                         transform=build_eval_transform(cfg.test_size, cfg.test_max_size))
-    val_loader = build_val_loader(val, batch_size=cfg.labeled_batch, num_workers=cfg.num_workers,
-                                  size_divisible=cfg.size_divisible)
+    val_loader = build_val_loader(val, batch_size=batch.labeled, num_workers=cfg.num_workers, rank=distributed.rank(),
+                                  world_size=world, size_divisible=cfg.size_divisible)  # this rank's share
     coco_gt = load_coco(files.val_json)
-    print(f"data: {len(labeled)} labeled, {len(unlabeled) if unlabeled else 0} unlabeled, {len(val)} val images; "
-          f"{labeled.num_classes} classes", flush=True)
+    if main:
+        print(f"data: {len(labeled)} labeled, {len(unlabeled) if unlabeled else 0} unlabeled, {len(val)} val images; "
+              f"{labeled.num_classes} classes", flush=True)
 
     # ---- model -----------------------------------------------------------------------------------------------
     student = detectors.build_detector(cfg.detector, num_classes=labeled.num_classes, **detector_kwargs(cfg))
     student.model.to(device).train()
+    # Under DDP (several ranks): SyncBatchNorm on CUDA, and `run_losses(f)` calls f inside one forward of the
+    # wrapped student, so that backward averages the gradients over the ranks; its constructor gives every
+    # rank rank 0's weights. One process: the model as it is, and run_losses(f) is f().
+    student = student._replace(model=distributed.sync_batchnorm(student.model, device=device))
+    run_losses = distributed.loss_runner(student.model, device=device)
     # The teacher: a copy of the student, updated only by EMA, always in eval mode and without gradients.
     ema = EMATeacher(student.model) if method is not None else None
     teacher = student._replace(model=ema.model) if ema is not None else None
@@ -145,11 +207,18 @@ def train(cfg: Config) -> dict:
     params = [p for p in student.model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda iteration: lr_factor(iteration, cfg=cfg))
+    # --amp: the forward passes under autocast; losses, fused ops and postprocessing stay in float32
+    # (detectors/precision.py). float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+    autocast = mixed_precision(device.type, cfg.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # disabled: every call passes through
+    if world > 1:  # the methods' own draws (box jitter, RoI sampling, SED's scale) differ between ranks
+        seed_everything(distributed.rank_seed(cfg.seed))
 
     # ---- resume ----------------------------------------------------------------------------------------------
     start_iter = 0
-    log = MetricsLog(out_dir / "metrics.jsonl")
-    resume_from = last_checkpoint(out_dir) if cfg.resume else None
+    log = MetricsLog(out_dir / "metrics.jsonl", tensorboard=cfg.tensorboard) if main else None
+    # Rank 0 picks the checkpoint and every rank loads it (a run directory all ranks can read).
+    resume_from = distributed.broadcast(last_checkpoint(out_dir) if cfg.resume and main else None)
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         check_compatible(state, path=resume_from, detector=cfg.detector, num_classes=labeled.num_classes)
@@ -160,23 +229,34 @@ def train(cfg: Config) -> dict:
             ema.copy_from(student.model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])  # the loss scale a float16 run had reached
         start_iter = state["iteration"]
         changed = sorted(k for k, v in state["config"].items() if k != "resume" and getattr(cfg, k, v) != v)
-        if changed:
+        if main and changed:
             print(f"note: these settings differ from the checkpoint's: {changed}", flush=True)
-        log.drop_after(start_iter)  # lines a crashed run wrote after its last checkpoint
-        print(f"resumed from {resume_from} at iteration {start_iter}", flush=True)
-    elif cfg.resume:
+        if main:
+            log.drop_after(start_iter)  # lines a crashed run wrote after its last checkpoint
+            print(f"resumed from {resume_from} at iteration {start_iter}", flush=True)
+    elif cfg.resume and main:
         print(f"--resume: no checkpoint in {out_dir}, starting from scratch", flush=True)
 
     # The loaders skip the batches already consumed; every augmentation is seeded by its position in the
     # sample stream, so a resumed run sees the images and views an uninterrupted one would.
-    loaders = build_train_loaders(labeled, unlabeled, labeled_batch=cfg.labeled_batch,
-                                  unlabeled_batch=cfg.unlabeled_batch if method is not None else 0, seed=cfg.seed,
+    # Rank r takes draws r, r + N, r + 2N, ... of each sample stream: the N ranks' batches of an iteration
+    # hold the very images (and views) of one process's global batch.
+    loaders = build_train_loaders(labeled, unlabeled, labeled_batch=batch.labeled, unlabeled_batch=batch.unlabeled,
+                                  seed=cfg.seed, rank=distributed.rank(), world_size=world,
                                   num_workers=cfg.num_workers, size_divisible=cfg.size_divisible,
-                                  start_batch=start_iter)
-    if resume_from is not None:
-        restore_rng_state(state["rng"])  # the methods' own draws (jitter, sampling) continue in step too
+                                  start_batch=start_iter, pin_memory=device.type == "cuda")
+    if resume_from is not None:  # the methods' own draws (jitter, sampling) continue in step too, rank by rank
+        rng_per_rank = state["extra"].get("rng_per_rank") or []
+        if world == 1:
+            restore_rng_state(state["rng"])
+        elif len(rng_per_rank) == world:
+            restore_rng_state(rng_per_rank[distributed.rank()])
+        else:  # a checkpoint of another number of ranks: fresh draws, still reproducible
+            seed_everything(distributed.rank_seed(cfg.seed + start_iter))
 
     def run_evaluation(iteration: int, *, max_images: int | None) -> dict:
         models = {"student": student} | ({"teacher": teacher} if teacher is not None else {})
@@ -184,60 +264,54 @@ def train(cfg: Config) -> dict:
         for name, detector in models.items():
             result = evaluate(detector, val_loader, coco_gt=coco_gt, category_ids=labeled.label_to_category_id,
                               class_names=labeled.class_names, max_images=max_images)
-            print(f"\n[{name} @ {iteration}] {result.num_images} images\n{result.table()}", flush=True)
-            log.write({"iteration": iteration, "eval": name, **result.metrics,
-                       **{f"AP/{k}": v for k, v in result.per_class.items()}})
+            if main:
+                print(f"\n[{name} @ {iteration}] {result.num_images} images\n{result.table()}", flush=True)
+                log.write({"iteration": iteration, "eval": name, **result.metrics,
+                           **{f"AP/{k}": v for k, v in result.per_class.items()}})
             results[name] = result.metrics
         return results
 
     # ---- the loop --------------------------------------------------------------------------------------------
-    bar = progress_bar(start=start_iter, total=cfg.max_iter)
+    bar = progress_bar(start=start_iter, total=cfg.max_iter) if main else None
     timer = time.perf_counter()
     results = {}
     for iteration in range(start_iter, cfg.max_iter):
-        labeled_batch = next(loaders.labeled).to(device)
+        labeled_batch = next(loaders.labeled).to(device, non_blocking=True)  # pinned (CUDA): the host does not wait
         if two_view_labeled:
             labeled_batch = both_views(labeled_batch)
-        unlabeled_batch = next(loaders.unlabeled).to(device) if method is not None else None
+        unlabeled_batch = next(loaders.unlabeled).to(device, non_blocking=True) if method is not None else None
         data_time = time.perf_counter() - timer
 
         if method is not None and iteration == method.teacher_init_iteration:
             ema.copy_from(student.model)  # e.g. Dense Teacher: the teacher starts as the burnt-in student
 
-        # Supervised loss on the labeled batch (its terms keep their names, prefixed "sup_").
-        sup = detectors.supervised_losses(student, labeled_batch.images, labeled_batch.image_sizes,
-                                          labeled_batch.targets)
-        losses = prefix(sup, "sup_")
-        weights = {key: 1.0 for key in losses}
-        stats = {}
-
-        # Unsupervised loss on the unlabeled batch, skipped while every weight is 0 (burn-in).
-        if method is not None:
-            unsup_weights = method.loss_weights(iteration)
-            if any(w > 0 for w in unsup_weights.values()):
-                unsup = method.unsupervised_loss(student=student, teacher=teacher, unlabeled=unlabeled_batch,
-                                                 iteration=iteration)
-                losses |= prefix(unsup.losses, "unsup_")
-                weights |= unsup_weights
-                stats |= unsup.stats
-                if unsup.pseudo_boxes is not None:  # diagnostics against the hidden ground truth
-                    stats |= pseudo_label_quality(unsup.pseudo_boxes, unlabeled_batch.weak.targets)
-                    if cfg.draw_period > 0 and (iteration + 1) % cfg.draw_period == 0:
-                        # The teacher's pseudo-boxes on the weak view, carried onto the strong view (PNG).
-                        draw_pseudo_labels(unlabeled_batch, unsup.pseudo_boxes,
-                                           out_dir / "pseudo_labels" / f"{iteration + 1:07d}.png",
-                                           class_names=labeled.class_names)
-
-        total = weighted_total(losses, weights)  # the one place weights are applied
+        # The supervised and the unsupervised losses (their terms prefixed "sup_" / "unsup_"), weighted.
+        with autocast:
+            total, losses, weights, stats, pseudo_boxes = run_losses(functools.partial(
+                iteration_losses, student=student, teacher=teacher, method=method, labeled=labeled_batch,
+                unlabeled=unlabeled_batch, iteration=iteration))
+        if pseudo_boxes is not None:  # diagnostics against the hidden ground truth
+            stats |= pseudo_label_quality(pseudo_boxes, unlabeled_batch.weak.targets)
+            if main and cfg.draw_period > 0 and (iteration + 1) % cfg.draw_period == 0:
+                # The teacher's pseudo-boxes on the weak view, carried onto the strong view (PNG).
+                draw_pseudo_labels(unlabeled_batch, pseudo_boxes,
+                                   out_dir / "pseudo_labels" / f"{iteration + 1:07d}.png",
+                                   class_names=labeled.class_names)
         check_finite(total, losses, iteration)
 
         lr = optimizer.param_groups[0]["lr"]  # this iteration's
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        scaler.scale(total).backward()  # under DDP the gradients are averaged over the ranks here
         if cfg.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
-        optimizer.step()
+        scaler.step(optimizer)  # float16: skipped when a gradient overflowed, and the scale is lowered
+        scaler.update()
+        if scaler.is_enabled():
+            stats["loss_scale"] = scaler.get_scale()
         scheduler.step()
+        # BatchNorm without sync (CPU) saw only its rank's images: one running mean / var for all, before the EMA.
+        distributed.average_buffers(student.model)
 
         # The teacher follows the student: theta_t <- m * theta_t + (1 - m) * theta_s (METHODS.md, "Teacher").
         if method is not None:
@@ -252,34 +326,46 @@ def train(cfg: Config) -> dict:
         done = iteration + 1
         iter_time = time.perf_counter() - timer
         timer = time.perf_counter()
-        bar.update(1)
+        if main:
+            bar.update(1)
         if done % cfg.log_period == 0 or done == cfg.max_iter or done == 1:
-            bar.set_postfix_str(f"loss {total.item():.3f} lr {lr:.2g}")
-            log.write({"iteration": done, "lr": lr, "loss": total, **losses,
-                       **{f"w_{key}": w for key, w in weights.items()}, **stats,
-                       "time": iter_time, "data_time": data_time})
-            if not sys.stderr.isatty():
-                print(f"it {done}/{cfg.max_iter} lr {lr:.3g} loss {total.item():.3f} | {format_losses(losses)}",
-                      flush=True)
+            # The global batch's values: means over the ranks, as floats (every rank takes part).
+            logged = distributed.mean_over_ranks({"loss": total, **losses})
+            logged_stats = distributed.mean_over_ranks(stats)
+            if main:
+                bar.set_postfix_str(f"loss {logged['loss']:.3f} lr {lr:.2g}")
+                log.write({"iteration": done, "lr": lr, **logged, **{f"w_{key}": w for key, w in weights.items()},
+                           **logged_stats, "time": iter_time, "data_time": data_time})
+                if not sys.stderr.isatty():
+                    terms = format_losses({key: logged[key] for key in losses})
+                    print(f"it {done}/{cfg.max_iter} lr {lr:.3g} loss {logged['loss']:.3f} | {terms}", flush=True)
         if done % cfg.eval_period == 0 or done == cfg.max_iter:
             final = done == cfg.max_iter
             results = run_evaluation(done, max_images=None if final or cfg.eval_max_images <= 0
                                      else cfg.eval_max_images)
         if done % cfg.checkpoint_period == 0 or done == cfg.max_iter:
-            save_checkpoint(out_dir / checkpoint_name(done), iteration=done, config=cfg.to_dict(), meta=meta,
-                                   model=student.model, teacher=ema.model if ema is not None else None,
-                                   optimizer=optimizer, scheduler=scheduler, keep=cfg.keep_checkpoints)
+            # Every rank's generators: a resumed run of as many ranks draws what this one would have drawn.
+            rng_per_rank = distributed.gather(capture_rng_state()) if world > 1 else None
+            if main:
+                save_checkpoint(out_dir / checkpoint_name(done), iteration=done, config=cfg.to_dict(), meta=meta,
+                                model=student.model, teacher=ema.model if ema is not None else None,
+                                optimizer=optimizer, scheduler=scheduler, scaler=scaler, keep=cfg.keep_checkpoints,
+                                extra={"rng_per_rank": rng_per_rank} if rng_per_rank else None)
         timer = time.perf_counter()  # evaluating and saving are not part of the next iteration's time
-    bar.close()
-    log.close()
 
-    if last_checkpoint(out_dir) is not None:
-        print(f"\ndone. Evaluate the final model with:\n  python evaluate.py {out_dir / 'last.pth'}", flush=True)
+    if main:
+        bar.close()
+        log.close()
+        if last_checkpoint(out_dir) is not None:
+            print(f"\ndone. Evaluate the final model with:\n  python evaluate.py {out_dir / 'last.pth'}", flush=True)
     return results
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train(parse_config(argv, description=__doc__.split("\n")[0]))
+    try:
+        return train(parse_config(argv, description=__doc__.split("\n")[0]))
+    finally:
+        distributed.cleanup()  # leave torchrun's process group, if joined
 
 
 if __name__ == "__main__":

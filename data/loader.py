@@ -41,10 +41,17 @@ class Batch:
         return len(self.image_ids)
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> "Batch":
-        move = functools.partial(Tensor.to, device=device, non_blocking=non_blocking)
-        return Batch(images=move(self.images), image_sizes=move(self.image_sizes),
-                     targets=[{key: move(value) for key, value in t.items()} for t in self.targets],
-                     matrices=move(self.matrices), image_ids=list(self.image_ids), orig_sizes=list(self.orig_sizes))
+        return self._apply(functools.partial(Tensor.to, device=device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked memory, from which `.to("cuda", non_blocking=True)` copies without holding up
+        the training process; DataLoader(pin_memory=True) calls this in its own thread."""
+        return self._apply(Tensor.pin_memory)
+
+    def _apply(self, fn) -> "Batch":
+        return Batch(images=fn(self.images), image_sizes=fn(self.image_sizes),
+                     targets=[{key: fn(value) for key, value in t.items()} for t in self.targets],
+                     matrices=fn(self.matrices), image_ids=list(self.image_ids), orig_sizes=list(self.orig_sizes))
 
 
 @dataclass
@@ -60,6 +67,9 @@ class UnlabeledBatch:
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> "UnlabeledBatch":
         return UnlabeledBatch(weak=self.weak.to(device, non_blocking=non_blocking),
                               strong=self.strong.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "UnlabeledBatch":
+        return UnlabeledBatch(weak=self.weak.pin_memory(), strong=self.strong.pin_memory())
 
 
 def collate(samples: Sequence[dict], *, size_divisible: int = 32) -> Batch:
@@ -173,12 +183,15 @@ def _worker_init(worker_id: int) -> None:
 
 def build_train_loader(dataset, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                        num_workers: int = 0, size_divisible: int = 32, stream: int = 0,
-                       start_batch: int = 0) -> Iterator[Batch | UnlabeledBatch]:
+                       start_batch: int = 0, pin_memory: bool = False) -> Iterator[Batch | UnlabeledBatch]:
     """An endless iterator of batches of `dataset` for this rank.
 
     dataset: needs `len()` and `get(index, *, generator)` (data.coco.CocoDetection); samples are single-view
     dicts (-> Batch) or {"weak", "strong"} dicts (-> UnlabeledBatch). stream: separates the random draws of
     two loaders sharing a seed (labeled 0, unlabeled 1). start_batch: batches this rank already consumed.
+    With num_workers > 0 the workers build the next batches (two each) while the model trains on this one;
+    pin_memory (for CUDA) puts them in page-locked memory, so that `batch.to(device, non_blocking=True)` does
+    not block the training process.
     """
     # The order of the images is seeded by (seed, stream) too, so two streams never walk in step.
     order_seed = int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
@@ -187,7 +200,7 @@ def build_train_loader(dataset, *, batch_size: int, seed: int, rank: int = 0, wo
     loader = torch.utils.data.DataLoader(
         _SeededDraws(dataset, seed=seed, stream=stream), batch_size=batch_size, sampler=_DrawSampler(sampler),
         num_workers=num_workers, collate_fn=functools.partial(_collate_any, size_divisible=size_divisible),
-        worker_init_fn=_worker_init, persistent_workers=num_workers > 0, drop_last=True,
+        worker_init_fn=_worker_init, persistent_workers=num_workers > 0, drop_last=True, pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed))  # keeps the DataLoader off torch's global generator
     return iter(loader)
 
@@ -199,11 +212,11 @@ class TrainLoaders(NamedTuple):
 
 def build_train_loaders(labeled, unlabeled=None, *, labeled_batch: int, unlabeled_batch: int = 0, seed: int,
                         rank: int = 0, world_size: int = 1, num_workers: int = 0, size_divisible: int = 32,
-                        start_batch: int = 0) -> TrainLoaders:
+                        start_batch: int = 0, pin_memory: bool = False) -> TrainLoaders:
     """The labeled loader (stream 0) and, when `unlabeled` is given and unlabeled_batch >= 1, the unlabeled one
     (stream 1). Each has its own num_workers processes."""
     common = dict(seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
-                  size_divisible=size_divisible, start_batch=start_batch)
+                  size_divisible=size_divisible, start_batch=start_batch, pin_memory=pin_memory)
     labeled_iter = build_train_loader(labeled, batch_size=labeled_batch, stream=0, **common)
     unlabeled_iter = None
     if unlabeled is not None and unlabeled_batch >= 1:

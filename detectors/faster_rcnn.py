@@ -51,6 +51,7 @@ from detectors.backbone import build_resnet_fpn, torchvision_backbone_key
 from detectors.box_ops import BoxCoder, box_ioa, box_iou, clip_boxes, remove_small_boxes
 from detectors.losses import smooth_l1_loss
 from detectors.matcher import BalancedPositiveNegativeSampler, Matcher
+from detectors.precision import in_float32
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # the RPN regresses anchors with unit weights
 ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # RoI deltas are small (proposals are close): scale them up to ~1
@@ -335,8 +336,9 @@ class FasterRCNN(nn.Module):
                               roi=self.roi_head(features, proposals, image_sizes))
 
 
+@in_float32
 def roi_class_probs(roi_out: RoIOutput) -> Tensor:
-    """Per-RoI class distribution: softmax over (K, C + 1) logits, background last."""
+    """Per-RoI class distribution: softmax over (K, C + 1) logits, background last (float32)."""
     return roi_out.class_logits.softmax(dim=-1)
 
 
@@ -531,6 +533,7 @@ class FasterRCNNPostprocessor:
         self.min_size = min_size
         self.box_coder = BoxCoder(ROI_BOX_WEIGHTS)
 
+    @in_float32  # scores are compared with thresholds: float32 under mixed precision too
     def __call__(self, roi_out: RoIOutput, proposals: list[Tensor], image_sizes: Tensor) -> list[dict]:
         """roi_out on `proposals` (B x (K_i, 4)), image_sizes int64 (B, 2) -> B dicts
         {"boxes" (D_i, 4) xyxy clipped to the image, "scores" (D_i,), "labels" int64 (D_i,) in 0..C-1},

@@ -34,7 +34,8 @@ from detectors.anchors import AnchorGenerator
 from detectors.backbone import ResNetFPN, build_resnet_fpn, torchvision_backbone_key
 from detectors.box_ops import LinearBoxCoder, box_area, elementwise_box_iou, giou_loss
 from detectors.dense import DenseOutput, conv_tower, nms_per_image, pad_boxes, pad_labels, to_rows, top_candidates
-from detectors.losses import sigmoid_focal_loss
+from detectors.losses import positive_normalizer, sigmoid_focal_loss
+from detectors.precision import in_float32
 
 STRIDES = (8, 16, 32, 64, 128)  # P3..P7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -281,7 +282,7 @@ class FCOSCriterion:
         anchors = torch.cat(outputs.anchors)  # (N, 4)
 
         positive = assigned.matched >= 0  # (B, N)
-        num_pos = max(1, int(positive.sum()))
+        num_pos = positive_normalizer(positive)  # max(1, positives); over the global batch under DDP
         # One-hot class targets; background rows stay zero. Ignored rows leave the loss entirely.
         cls_targets = F.one_hot(assigned.labels.clamp(min=0), self.num_classes).to(cls_logits.dtype)  # (B, N, C)
         cls_targets = cls_targets * positive[..., None]
@@ -330,6 +331,7 @@ class FCOSPostprocessor:
         self.box_coder = LinearBoxCoder(normalize_by_size=True)
 
     @torch.no_grad()
+    @in_float32  # scores are compared with thresholds: float32 under mixed precision too
     def __call__(self, outputs: DenseOutput, image_sizes: Tensor) -> list[dict[str, Tensor]]:
         """outputs of B images, image_sizes int (B, 2) (h, w) -> B dicts {"boxes" (D, 4) xyxy in the batch's
         frame, "scores" (D,), "labels" int64 (D,)}, D <= detections_per_image, by decreasing score."""

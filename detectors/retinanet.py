@@ -32,8 +32,9 @@ from detectors.anchors import AnchorGenerator
 from detectors.backbone import ResNetFPN, build_resnet_fpn, torchvision_backbone_key
 from detectors.box_ops import BoxCoder, box_ioa, box_iou
 from detectors.dense import DenseOutput, conv_tower, nms_per_image, pad_boxes, pad_labels, to_rows, top_candidates
-from detectors.losses import l1_loss, sigmoid_focal_loss, smooth_l1_loss
+from detectors.losses import l1_loss, positive_normalizer, sigmoid_focal_loss, smooth_l1_loss
 from detectors.matcher import Matcher
+from detectors.precision import in_float32
 
 STRIDES = (8, 16, 32, 64, 128)  # P3..P7
 COCO_ANCHOR_SIZES = (32, 64, 128, 256, 512)  # base anchor size per level
@@ -219,7 +220,7 @@ class RetinaNetCriterion:
         anchors = torch.cat(outputs.anchors)  # (N, 4)
 
         positive = assigned.matched >= 0  # (B, N)
-        num_pos = max(1, int(positive.sum()))
+        num_pos = positive_normalizer(positive)  # max(1, positives); over the global batch under DDP
         cls_targets = F.one_hot(assigned.labels.clamp(min=0), self.num_classes).to(cls_logits.dtype)  # (B, N, C)
         cls_targets = cls_targets * positive[..., None]
         counted = assigned.matched != IGNORED  # (B, N)
@@ -254,6 +255,7 @@ class RetinaNetPostprocessor:
         self.box_coder = BoxCoder(BOX_WEIGHTS)
 
     @torch.no_grad()
+    @in_float32  # scores are compared with thresholds: float32 under mixed precision too
     def __call__(self, outputs: DenseOutput, image_sizes: Tensor) -> list[dict[str, Tensor]]:
         """outputs of B images, image_sizes int (B, 2) (h, w) -> B dicts {"boxes" (D, 4) xyxy in the batch's
         frame, "scores" (D,), "labels" int64 (D,)}, D <= detections_per_image, by decreasing score."""

@@ -10,6 +10,7 @@ A checkpoint is one dict of plain types (tensors, ints, floats, strings, lists, 
     teacher      the teacher's state_dict, or None for supervised runs
     optimizer    optimizer.state_dict()
     scheduler    scheduler.state_dict()
+    scaler       the gradient scaler's state_dict() of a float16 run (--amp fp16), else None
     rng          capture_rng_state(): python, numpy, torch CPU and CUDA generators
     extra        dict of anything else the caller restores itself (e.g. the loaders' sampler states)
 
@@ -135,11 +136,13 @@ def checkpoint_name(iteration: int) -> str:
 
 def save_checkpoint(path: str | Path, *, iteration: int, config: dict, meta: dict, model: nn.Module,
                     teacher: nn.Module | None, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, extra: dict | None = None,
-                    keep: int = 0) -> Path:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None = None,
+                    extra: dict | None = None, keep: int = 0) -> Path:
     """Atomically write a checkpoint and point `last.pth` in its directory at it.
 
     iteration: the next iteration to run. config: plain values only (`Config.to_dict()`).
+    scaler: the loss scaler of a float16 run; its scale and growth counter are saved so that a resumed run
+    continues with them (None, or a disabled scaler, saves None).
     keep: how many `checkpoint_*.pth` files of the directory to keep, newest first (0 keeps all); the file
     just written is never removed.
     """
@@ -153,6 +156,7 @@ def save_checkpoint(path: str | Path, *, iteration: int, config: dict, meta: dic
         "teacher": teacher.state_dict() if teacher is not None else None,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "rng": capture_rng_state(),
         "extra": extra or {},
     }

@@ -89,12 +89,13 @@ class Config:
     method: str = "supervised"  # "supervised", "soft_teacher", "dense_teacher" or "sed"
     method_args: dict = field(default_factory=dict)  # overrides of the method's own config, by field name
 
-    # ---- batch: images per iteration (one process; the papers' numbers are their global batches) --------
-    labeled_batch: int = 16
-    unlabeled_batch: int = 0  # 0 for supervised runs
+    # ---- batch: images per iteration summed over all processes (the global batch, as the papers state it) --
+    # One process takes all of it; under torchrun each of N processes takes 1 / N of both (`per_process_batch`).
+    labeled_batch: int = 16  # global labeled images per iteration; each of N processes takes labeled_batch / N
+    unlabeled_batch: int = 0  # global unlabeled images per iteration (0 for supervised runs); per process: / N
 
     # ---- optimisation ----------------------------------------------------------------------------------
-    lr: float = 0.01
+    lr: float = 0.01  # for the preset's global batch; a different batch scales it linearly unless --lr is given
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 1000
@@ -114,7 +115,9 @@ class Config:
     draw_period: int = 0  # semi methods: draw one unlabeled image's pseudo-boxes (weak and strong view) every N iterations (0: never)
     seed: int = 0
     device: str = "cpu"  # "cpu" or "cuda"
-    threads: int = 0  # torch intra-op threads; 0: all cores
+    threads: int = 0  # torch intra-op threads; 0: all cores, shared evenly by a machine's processes under torchrun
+    amp: str = ""  # mixed precision of the forward passes: "" off, "bf16" (CPU, CUDA), "fp16" (CUDA, loss scaling)
+    tensorboard: bool = False  # also write TensorBoard event files next to metrics.jsonl (pip install tensorboard)
     output_dir: str = ""  # empty: runs/[<dataset>_]<method>_<detector>_<percent>pct[_fold<fold>] (builtin, fold 1 bare)
     resume: bool = False  # continue from output_dir's last checkpoint
 
@@ -123,6 +126,27 @@ class Config:
     def milestone_iters(self) -> list[int]:
         """The LR milestones as iteration numbers."""
         return [round(f * self.max_iter) for f in self.milestones]
+
+    def images_per_iteration(self) -> int:
+        """The global batch the linear LR rule counts: labeled + unlabeled images (labeled only when supervised)."""
+        return self.labeled_batch + (self.unlabeled_batch if self.method != "supervised" else 0)
+
+    def per_process_batch(self, world_size: int) -> "ProcessBatch":
+        """The images each of `world_size` processes takes per iteration: the global batches divided evenly.
+
+        Raises a ValueError when a global batch (the unlabeled one only for a method) is smaller than
+        world_size or not a multiple of it: every process must get the same number of images, at least one.
+        """
+        batches = {"labeled_batch": self.labeled_batch}
+        if self.method != "supervised":
+            batches["unlabeled_batch"] = self.unlabeled_batch
+        for name, value in batches.items():
+            if value < world_size or value % world_size:
+                raise ValueError(f"config: {name} {value} is the global batch of all {world_size} processes and "
+                                 f"must be a multiple of {world_size} (each process takes {name} / {world_size} "
+                                 f"images, at least one)")
+        return ProcessBatch(labeled=self.labeled_batch // world_size,
+                            unlabeled=batches.get("unlabeled_batch", 0) // world_size)
 
     def validate(self) -> "Config":
         """Raise a ValueError naming the field for settings that cannot work; return self."""
@@ -148,6 +172,7 @@ class Config:
         check(self.warmup_iters >= 0 and 0 < self.warmup_factor <= 1, "warmup_iters >= 0 and warmup_factor in (0, 1]")
         check(bool(self.train_sizes) and all(s > 0 for s in self.train_sizes), "train_sizes must be positive")
         check(self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}")
+        check(self.amp in ("", "bf16", "fp16"), f"amp must be '' (off), 'bf16' or 'fp16', got {self.amp!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -177,6 +202,13 @@ class Config:
 # --------------------------------------------------------------------------------------------------------
 # Presets
 # --------------------------------------------------------------------------------------------------------
+
+
+class ProcessBatch(NamedTuple):
+    """Images one process takes per iteration (`Config.per_process_batch`)."""
+
+    labeled: int
+    unlabeled: int  # 0 for supervised runs
 
 
 def builtin_preset(method: str, detector: str) -> Config:
@@ -385,7 +417,11 @@ def parse_config(argv: list[str] | None = None, *, description: str = "") -> Con
 
 
 def resolve_config(overrides: dict) -> Config:
-    """The preset chosen by `overrides` (dataset, method, detector), updated with every override, validated."""
+    """The preset chosen by `overrides` (dataset, method, detector), updated with every override, validated.
+
+    A global batch other than the preset's (labeled + unlabeled images per iteration) scales the preset's lr
+    by new / preset images, unless `overrides` sets lr itself.
+    """
     dataset = overrides.get("dataset") or ("coco" if overrides.get("data_root") else
                                            "custom" if overrides.get("train_json") else "builtin")
     method = overrides.get("method", "supervised")
@@ -407,7 +443,11 @@ def resolve_config(overrides: dict) -> Config:
     for key in ("method_args", "builtin_spec"):  # dict settings update the preset's entries, key by key
         if key in updates:
             updates[key] = getattr(cfg, key) | updates[key]
+    preset = cfg
     cfg = dataclasses.replace(cfg, **updates)
+    if "lr" not in overrides and cfg.images_per_iteration() != preset.images_per_iteration():
+        # The linear scaling rule (Goyal et al. 2017): the preset's lr is for the preset's global batch.
+        cfg.lr = preset.lr * cfg.images_per_iteration() / preset.images_per_iteration()
     if not cfg.output_dir:
         dataset = f"{cfg.dataset}_" if cfg.dataset != "builtin" else ""
         fold = f"_fold{cfg.fold}" if cfg.fold != 1 else ""

@@ -24,6 +24,7 @@ from torch import Tensor
 
 import detectors
 from data.transforms import clip_boxes, warp_boxes
+from engine import distributed
 
 # The order of COCOeval.stats.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -157,6 +158,11 @@ def evaluate(detector, loader, *, coco_gt: COCO, category_ids: list[int], class_
     [0, 1], image_sizes, matrices original -> batch frame, image_ids, orig_sizes).
     category_ids[c] / class_names[c]: COCO id and name of contiguous label c.
     max_images: stop after this many images (the metrics cover only them).
+
+    Under torchrun every rank calls this with its share of the images (`build_val_loader(rank=...)`; then
+    max_images / N each): rank 0 gathers the detections and scores them, every rank returns the scores, the
+    total image count and the slowest rank's seconds; `results` holds all detections on rank 0, and each
+    other rank's own share there.
     """
     model = detector.model
     was_training = model.training
@@ -175,14 +181,20 @@ def evaluate(detector, loader, *, coco_gt: COCO, category_ids: list[int], class_
             results += to_coco_results(detections, matrices=batch.matrices, orig_sizes=batch.orig_sizes,
                                        image_ids=batch.image_ids, category_ids=category_ids)
             image_ids += list(batch.image_ids)
-            if max_images is not None and len(image_ids) >= max_images:
+            if max_images is not None and len(image_ids) * distributed.world_size() >= max_images:
                 break
     finally:
         model.train(was_training)
     names = {category_id: name for category_id, name in zip(category_ids, class_names)}
-    metrics, per_class = coco_metrics(coco_gt, results, image_ids=image_ids, class_names=names, verbose=verbose)
-    return Evaluation(metrics=metrics, per_class=per_class, results=results, num_images=len(image_ids),
-                      seconds=seconds)
+    gathered = distributed.gather((results, image_ids, seconds))  # [(results, ids, seconds) per rank] on rank 0
+    summary = None
+    if gathered is not None:  # rank 0, or the only process
+        results = [r for rank_results, _, _ in gathered for r in rank_results]
+        image_ids = [i for _, rank_ids, _ in gathered for i in rank_ids]
+        metrics, per_class = coco_metrics(coco_gt, results, image_ids=image_ids, class_names=names, verbose=verbose)
+        summary = (metrics, per_class, len(image_ids), max(rank_seconds for _, _, rank_seconds in gathered))
+    metrics, per_class, num_images, seconds = distributed.broadcast(summary)
+    return Evaluation(metrics=metrics, per_class=per_class, results=results, num_images=num_images, seconds=seconds)
 
 
 @contextlib.contextmanager

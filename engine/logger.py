@@ -6,7 +6,10 @@ A line of metrics.jsonl looks like
     {"iteration": 500, "eval": "teacher", "AP": 0.41, "AP50": 0.63, ..., "AP/circle": 0.52}
 
 where "iteration" counts the iterations completed when the record was written; `read_metrics(path)` (or
-`pandas.read_json(path, lines=True)`) gives every curve of a run.
+`pandas.read_json(path, lines=True)`) gives every curve of a run, and `python -m engine.plot RUN_DIR` draws them.
+
+With `MetricsLog(path, tensorboard=True)` (train.py --tensorboard) every record also goes to TensorBoard event
+files in the same folder (`TensorBoardLog`; `tensorboard --logdir runs` shows every run).
 """
 
 import json
@@ -39,11 +42,14 @@ class MetricsLog:
     Resuming a run appends to the same file; `drop_after(iteration)` first removes the lines a crashed run
     wrote after its last checkpoint, so that each iteration appears once.
     Records carry "iteration" = the number of iterations completed when they were written.
+    tensorboard: also pass every record to a `TensorBoardLog` of the file's folder (needs the tensorboard
+    package; an ImportError that says so otherwise).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, tensorboard: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = TensorBoardLog(self.path.parent) if tensorboard else None
         self.file = open(self.path, "a")
 
     def drop_after(self, iteration: int) -> None:
@@ -59,13 +65,100 @@ class MetricsLog:
                 kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
+        if self.tensorboard is not None:
+            self.tensorboard.purge_after(iteration)
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(_plain(record)) + "\n")
         self.file.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
     def close(self) -> None:
         self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+class TensorBoardLog:
+    """The records of `MetricsLog` as TensorBoard scalars, at step = the record's "iteration".
+
+    A training record gives
+        loss/total                   the weighted total ("loss")
+        loss/<term>                  every term, unweighted, e.g. loss/sup_loss_cls, loss/unsup_loss_box
+        loss_weighted/<term>         weight x term, the term's share of the total
+        weight/<term>                its weight (burn-in and ramp included)
+        train/lr, train/ema_momentum, train/<other number>   (grad_norm, the methods' statistics, ...)
+        pseudo/<name>                pseudo-label counts, precision and recall against the hidden annotations
+        time/time, time/data_time    seconds per iteration, and of it waiting for data
+    an evaluation record ({"eval": "teacher" | "student", ...})
+        eval/<metric>/<model>        eval/AP/teacher next to eval/AP/student (AP, AP50, AP75, APs, ..., AR)
+        eval_per_class/<model>/<class>
+    Event files go to `log_dir`; the writer opens at the first record (the tensorboard package is checked
+    at once, so a missing one fails before training starts).
+    """
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ImportError("--tensorboard writes TensorBoard event files and needs the tensorboard package: "
+                              "pip install tensorboard (or pip install -e .[tb])") from error
+        self._writer_class = SummaryWriter
+        self.log_dir = Path(log_dir)
+        self.writer = None
+        self.purge_step = None
+
+    def purge_after(self, iteration: int) -> None:
+        """Hide the events an earlier (crashed) run wrote after `iteration`: TensorBoard's purge_step."""
+        self.close()
+        self.purge_step = iteration + 1
+
+    def write(self, record: dict) -> None:
+        if "iteration" not in record:
+            return
+        if self.writer is None:
+            self.writer = self._writer_class(log_dir=str(self.log_dir), purge_step=self.purge_step, flush_secs=30)
+        step = int(record["iteration"])
+        for tag, value in self.scalars(record).items():
+            self.writer.add_scalar(tag, value, global_step=step)
+
+    @staticmethod
+    def scalars(record: dict) -> dict[str, float]:
+        """{tag: value} of one record (see the class docstring); non-numeric entries are left out."""
+        numbers = {}
+        for key, value in record.items():
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers[key] = float(value)
+        numbers.pop("iteration", None)
+        if "eval" in record:
+            model = record["eval"]
+            return {(f"eval_per_class/{model}/{key[3:]}" if key.startswith("AP/") else f"eval/{key}/{model}"): value
+                    for key, value in numbers.items()}
+        tags = {}
+        for key, value in numbers.items():
+            if key == "loss":
+                tags["loss/total"] = value
+            elif key.startswith(("sup_", "unsup_")):
+                tags[f"loss/{key}"] = value
+                if f"w_{key}" in numbers:
+                    tags[f"loss_weighted/{key}"] = numbers[f"w_{key}"] * value
+            elif key.startswith("w_"):
+                tags[f"weight/{key[2:]}"] = value
+            elif key.startswith("pseudo_"):
+                tags[f"pseudo/{key[7:]}"] = value
+            elif key in ("time", "data_time"):
+                tags[f"time/{key}"] = value
+            else:
+                tags[f"train/{key}"] = value
+        return tags
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

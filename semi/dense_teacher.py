@@ -62,6 +62,7 @@ from detectors import Detector
 from detectors.box_ops import BoxCoder, LinearBoxCoder, giou_loss
 from detectors.dense import DenseOutput
 from detectors.losses import l1_loss, quality_focal_loss
+from detectors.precision import in_float32
 from detectors.retinanet import BOX_WEIGHTS as RETINANET_BOX_WEIGHTS
 from semi.core import UnsupOutput, linear_ramp, zero_loss
 from semi.ema import DenseTeacherEMA
@@ -197,6 +198,7 @@ class Region(NamedTuple):
     fg: Tensor  # () sum over the selected rows of S_i = max_c sigmoid(teacher logit), no gradient
 
 
+@in_float32
 def region_qfl(student_logits: Tensor, teacher_logits: Tensor, *, region: Region) -> Tensor:
     """Eq. 2 on a given region: sum over the rows not ignored of QFL(p_s, y), divided by region.fg.
 
@@ -211,6 +213,7 @@ def region_qfl(student_logits: Tensor, teacher_logits: Tensor, *, region: Region
     return total / region.fg if bool(region.fg > 0) else zero_loss(per_element)
 
 
+@in_float32
 def box_consistency(student_box: Tensor, teacher_box: Tensor, *, anchors: Tensor,
                     coder: BoxCoder | LinearBoxCoder, loss: str) -> Tensor:
     """The regression term on the region's rows: mean over rows of the loss between the student's and the
@@ -228,6 +231,7 @@ def box_consistency(student_box: Tensor, teacher_box: Tensor, *, anchors: Tensor
     return l1_loss(student_box, teacher_box, reduction="sum") / num_rows
 
 
+@in_float32
 def quality_consistency(student_quality: Tensor, teacher_quality: Tensor) -> Tensor:
     """BCE(sigmoid(s_q), sigmoid(t_q)) averaged over the region's rows: (P,) logits each -> () scalar, 0 if P = 0."""
     targets = torch.sigmoid(teacher_quality.detach())
@@ -252,6 +256,7 @@ def assigned_foreground(detector: Detector, outputs: DenseOutput, boxes: list[di
     return (matched >= 0)[valid]  # (B, N) -> (R,)
 
 
+@in_float32
 def ablation_region(teacher_logits: Tensor, *, cfg: DenseTeacherConfig, predicted_positive: Tensor | None,
                     gt_foreground: Tensor | None) -> Region:
     """The learning region of the ablations (see the module docstring).

@@ -11,6 +11,10 @@ Every public function picks the fused kernel of the C++ extension `semi._C` (bui
 next to it otherwise. The references are the specification: short, vectorised PyTorch, and the oracle of
 `tests/test_ops.py`, which holds the kernels to them (float32 within 1e-5 relative, counts and masks equal).
 Set `SSOD_DISABLE_EXT=1` to force the references.
+
+Under mixed precision every public function runs in float32 (`detectors.precision.in_float32`): bfloat16 /
+float16 inputs are cast up and autocast is off inside, so the kernels, which take float32 and float64 only,
+see float32 and the results are float32.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from detectors.precision import in_float32
 
 # --------------------------------------------------------------------------------------------------------
 # Loading the extension
@@ -164,6 +170,7 @@ def ghm_kl_reference(student_logits: Tensor, teacher_logits: Tensor, *, mode: st
     return GHMKLOutput(loss, counts)
 
 
+@in_float32
 def ghm_kl_with_counts(student_logits: Tensor, teacher_logits: Tensor, *, mode: str, bins: int = 10) -> GHMKLOutput:
     """SED's re-weighted distillation loss (paper 000, Eq. 5) and its bin counts.
 
@@ -242,6 +249,7 @@ def jitter_boxes_reference(
     return boxes + noise * scale * _box_sides(boxes)  # (N, 4) broadcast over times -> (times, N, 4)
 
 
+@in_float32
 def jitter_boxes(boxes: Tensor, *, times: int, scale: float, generator: torch.Generator | None = None) -> Tensor:
     """Soft Teacher's box jittering (paper 001, Sec. 3.3): `times` randomly shifted copies of every box.
 
@@ -334,6 +342,7 @@ def refine_stats_reference(
     return RefineStats(mean_boxes, uncertainty)
 
 
+@in_float32
 def refine_stats(
     refined_deltas: Tensor,
     jittered_boxes: Tensor,
@@ -412,6 +421,7 @@ def frs_topk_mask_reference(teacher_logits: Tensor, *, ratio: float) -> RegionSe
     return RegionSelection(mask, fg)
 
 
+@in_float32
 def frs_topk_mask(teacher_logits: Tensor, *, ratio: float) -> RegionSelection:
     """Dense Teacher's learning region (paper 002, Eq. 3-4): the top k = int(R * ratio) rows by score.
 
@@ -450,6 +460,7 @@ def frs_qfl_reference(student_logits: Tensor, teacher_logits: Tensor, *, ratio: 
     return QFLOutput(loss, region.mask, region.fg)
 
 
+@in_float32
 def frs_qfl(student_logits: Tensor, teacher_logits: Tensor, *, ratio: float) -> QFLOutput:
     """Dense Teacher's classification loss (paper 002, Eq. 2) on its learning region (Eq. 3-4).
 

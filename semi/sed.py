@@ -45,6 +45,7 @@ from torchvision.ops import batched_nms
 import detectors
 from data.loader import UnlabeledBatch
 from detectors import Detector
+from detectors.precision import in_float32
 from semi.core import UnsupOutput, zero_loss
 from semi.ema import sed_momentum
 from semi.ops import ghm_kl
@@ -326,6 +327,7 @@ def hard_target_logits(target_logits: Tensor, *, mode: str, threshold: float) ->
     return torch.where(positive, HARD_LOGIT, -HARD_LOGIT).to(target_logits.dtype)
 
 
+@in_float32
 def scale_consistency(big: Rows, small: Rows, *, mode: str, cfg: SEDConfig) -> Terms:
     """Eq. 2 for paired samples: `big` from level f of X, `small` from level f - s of X_hat (row i = row i).
 
@@ -343,6 +345,7 @@ def scale_consistency(big: Rows, small: Rows, *, mode: str, cfg: SEDConfig) -> T
     return Terms(cls=cls, box=box, quality=quality)
 
 
+@in_float32
 def self_distillation(student: Rows, teacher: Rows, *, mode: str, cfg: SEDConfig) -> Terms:
     """Eq. 3 for aligned samples: `student` on the strong view X, `teacher` on the weak view X' (row i = row i).
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from data.loader import Batch, UnlabeledBatch
 from detectors import Detector
-from detectors.faster_rcnn import FasterRCNNPostprocessor, SampledRoIs
+from detectors.faster_rcnn import FasterRCNNPostprocessor, SampledRoIs, roi_class_probs
 from semi.core import UnsupOutput, carry_boxes, linear_ramp
 from semi.ema import soft_teacher_momentum
 from semi.ops import jitter_boxes, refine_stats
@@ -315,10 +315,10 @@ def background_weights(teacher_model, teacher_features: list[Tensor], sampled: S
     """
     teacher_rois = [carry_boxes(boxes, src.matrices[i], dst.matrices[i], dst_size=dst.image_sizes[i])
                     for i, boxes in enumerate(sampled.boxes)]  # B x (S_i, 4) in the weak view
-    logits = teacher_model.roi_head(teacher_features, teacher_rois, dst.image_sizes).class_logits  # (S, C + 1)
-    background_prob = logits.softmax(dim=-1)[:, -1]  # (S,), background is the last class
+    probs = roi_class_probs(teacher_model.roi_head(teacher_features, teacher_rois, dst.image_sizes))  # (S, C + 1)
+    background_prob = probs[:, -1]  # (S,), background is the last class
     labels = torch.cat(sampled.labels)  # (S,) in 0..C
-    is_background = labels == logits.shape[1] - 1
+    is_background = labels == probs.shape[1] - 1
     return torch.where(is_background, background_prob, torch.ones_like(background_prob))
 
 

@@ -1,11 +1,13 @@
 """engine/logger.py and engine/visualize.py."""
 
 import math
+import sys
 
+import pytest
 import torch
 from PIL import Image
 
-from engine.logger import MetricsLog, format_losses, read_metrics
+from engine.logger import MetricsLog, TensorBoardLog, format_losses, read_metrics
 from engine.visualize import draw_boxes, save_boxes
 
 
@@ -26,6 +28,55 @@ def test_metrics_log_writes_plain_json_lines_and_drops_lines_after_a_resume_poin
     log.write({"iteration": 3, "loss": 2.0})
     log.close()
     assert [r.get("iteration") for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2, None, 3]
+
+
+def training_record(iteration: int) -> dict:
+    return {"iteration": iteration, "lr": 0.01, "loss": torch.tensor(3.0), "sup_loss_cls": torch.tensor(1.0),
+            "unsup_loss_cls": torch.tensor(0.5), "w_sup_loss_cls": 1.0, "w_unsup_loss_cls": 4.0,
+            "ema_momentum": 0.999, "pseudo_num": 2.5, "pseudo_precision": 0.75, "pseudo_recall": 0.5,
+            "grad_norm": 7.0, "time": 0.4, "data_time": 0.01}
+
+
+def test_tensorboard_event_files_hold_every_scalar(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard=True)
+    for iteration in (1, 2, 3):
+        log.write(training_record(iteration))
+    for model, ap in (("student", 0.25), ("teacher", 0.3)):
+        log.write({"iteration": 3, "eval": model, "AP": ap, "AP50": 0.5, "AP/circle": 0.125, "APl": "nan"})
+    log.close()
+    assert list(tmp_path.glob("events.out.tfevents.*"))  # next to metrics.jsonl
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    value = lambda tag: [(e.step, e.value) for e in events.Scalars(tag)]
+    assert value("loss/total") == [(1, 3.0), (2, 3.0), (3, 3.0)]
+    assert value("loss/unsup_loss_cls")[-1] == (3, 0.5)  # unweighted
+    assert value("loss_weighted/unsup_loss_cls")[-1] == (3, 2.0)  # weight 4 x 0.5
+    assert value("weight/unsup_loss_cls")[-1] == (3, 4.0)
+    for tag, expected in (("train/lr", 0.01), ("train/ema_momentum", 0.999), ("pseudo/num", 2.5),
+                          ("pseudo/precision", 0.75), ("pseudo/recall", 0.5), ("train/grad_norm", 7.0),
+                          ("eval/AP/teacher", 0.3), ("eval/AP/student", 0.25), ("eval/AP50/teacher", 0.5),
+                          ("eval_per_class/teacher/circle", 0.125)):
+        assert value(tag)[-1] == (3, pytest.approx(expected)), tag
+    assert "eval/APl/teacher" not in events.Tags()["scalars"]  # non-numeric entries are left out
+
+    # A resumed run hides what the crashed one wrote after its checkpoint (TensorBoard's purge_step).
+    log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard=True)
+    log.drop_after(1)
+    log.write(training_record(2) | {"loss": 9.0})
+    log.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss/total")] == [(1, 3.0), (2, 9.0)]
+
+
+def test_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        TensorBoardLog("unused")
 
 
 def test_format_losses():
