@@ -3,10 +3,13 @@
     python bench/compare.py --method soft_teacher                          # sup 10%, sup 100%, Soft Teacher 10%
     python bench/compare.py --method soft_teacher --ablation no_bgt:soft_background=false
     python bench/compare.py --method dense_teacher --detector retinanet --max-iter 2000 --jobs 2
-    python bench/compare.py --method sed --skip-baselines --out runs/compare   # reuse baselines already there
+    python bench/compare.py --method supervised --detector fcos      # only the baselines: sup 10%, sup 100%
 
 Every row is one `train.py` run in its own folder under --out (a finished run is not run again, so the
-table can be printed again, or extended, for free). Runs go --jobs at a time, each with --threads torch threads.
+table can be printed again, or extended, for free). The supervised baselines of a detector and schedule live
+in one folder, out/supervised_<detector>_<iterations>it/, shared by every method that trains that detector;
+the method's runs go to out/<method>_<detector>_<P>pct_<iterations>it/ (give runs with other --extra flags
+their own --out). Runs go --jobs at a time, each with --threads torch threads.
 Each method run uses the preset's labeled batch and schedule; the supervised runs use the same labeled batch,
 so "same iterations" also means the same labeled images seen. The table reports the final COCO AP of every
 run (teacher and student for the method) and the share of the supervised gap the method closes:
@@ -40,28 +43,29 @@ def final_metrics(run_dir: Path) -> dict[str, dict] | None:
     return found or None
 
 
-def run_all(runs: dict[str, list[str]], *, out: Path, jobs: int, threads: int) -> None:
-    """Launch the unfinished runs, `jobs` at a time; each writes out/<name>/ and out/<name>.log."""
-    pending = [name for name in runs if final_metrics(out / name) is None]
+def run_all(runs: dict[str, list[str]], *, dirs: dict[str, Path], jobs: int, threads: int) -> None:
+    """Launch the unfinished runs, `jobs` at a time; run `name` writes dirs[name]/ and dirs[name].log."""
+    pending = [name for name in runs if final_metrics(dirs[name]) is None]
     active: dict[str, subprocess.Popen] = {}
     while pending or active:
         while pending and len(active) < jobs:
             name = pending.pop(0)
             command = [sys.executable, str(ROOT / "train.py"), *runs[name], "--threads", str(threads),
-                       "--output-dir", str(out / name)]
+                       "--output-dir", str(dirs[name])]
             print(f"[{time.strftime('%H:%M:%S')}] start {name}: {shlex.join(command[1:])}", flush=True)
-            log = open(out / f"{name}.log", "w")
+            log = open(dirs[name].with_suffix(".log"), "w")
             active[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         time.sleep(5)
         for name, process in list(active.items()):
             if process.poll() is not None:
                 del active[name]
-                status = "done" if process.returncode == 0 else f"FAILED ({process.returncode}), see {out}/{name}.log"
+                status = ("done" if process.returncode == 0
+                          else f"FAILED ({process.returncode}), see {dirs[name].with_suffix('.log')}")
                 print(f"[{time.strftime('%H:%M:%S')}] {name} {status}", flush=True)
 
 
-def table(runs: dict[str, list[str]], *, out: Path, percent: float) -> str:
-    results = {name: final_metrics(out / name) for name in runs}
+def table(runs: dict[str, list[str]], *, dirs: dict[str, Path], percent: float) -> str:
+    results = {name: final_metrics(dirs[name]) for name in runs}
     base = results.get(f"sup{percent:g}"), results.get("sup100")
     low = base[0]["student"]["AP"] if base[0] else None
     high = base[1]["student"]["AP"] if base[1] else None
@@ -84,7 +88,8 @@ def table(runs: dict[str, list[str]], *, out: Path, percent: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", required=True, choices=("soft_teacher", "dense_teacher", "sed"))
+    parser.add_argument("--method", required=True, choices=("supervised", "soft_teacher", "dense_teacher", "sed"),
+                        help="supervised: the two baselines only")
     parser.add_argument("--detector", default="", help="default: the method's paper detector")
     parser.add_argument("--percent", type=float, default=10.0)
     parser.add_argument("--max-iter", type=int, default=0, help="0: the method's preset")
@@ -105,9 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     from engine.config import resolve_config
     preset = resolve_config({"method": args.method, "detector": args.detector})
     detector = preset.detector
-    out = Path(args.out) / f"{args.method}_{detector}_{args.percent:g}pct"
-    out.mkdir(parents=True, exist_ok=True)
     max_iter = args.max_iter or preset.max_iter
+    base_dir = Path(args.out) / f"supervised_{detector}_{max_iter}it"
+    method_dir = Path(args.out) / f"{args.method}_{detector}_{args.percent:g}pct_{max_iter}it"
     shared = ["--detector", detector, "--max-iter", str(max_iter), "--labeled-batch", str(preset.labeled_batch),
               "--draw-period", "0", *shlex.split(args.extra)]
     runs: dict[str, list[str]] = {}
@@ -116,16 +121,21 @@ def main(argv: list[str] | None = None) -> None:
                 "--milestones", *[str(m) for m in preset.milestones]]
     runs[f"sup{args.percent:g}"] = ["--method", "supervised", "--percent", str(args.percent), *schedule, *shared]
     runs["sup100"] = ["--method", "supervised", "--percent", "100", *schedule, *shared]
-    runs[args.method] = ["--method", args.method, "--percent", str(args.percent), *shared]
+    if args.method != "supervised":
+        runs[args.method] = ["--method", args.method, "--percent", str(args.percent), *shared]
     for ablation in args.ablation:
         name, _, settings = ablation.partition(":")
         runs[f"{args.method}_{name}"] = ["--method", args.method, "--percent", str(args.percent), *shared,
                                          "--method-args", *settings.split(",")]
-    (out / "runs.json").write_text(json.dumps(runs, indent=1))
+    dirs = {name: (base_dir if name.startswith("sup") else method_dir) / name for name in runs}
+    for folder in {d.parent for d in dirs.values()}:
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = {name: argv for name, argv in runs.items() if dirs[name].parent == folder}
+        (folder / "runs.json").write_text(json.dumps(mine, indent=1))
     to_run = {name: argv for name, argv in runs.items() if not (args.skip_baselines and name.startswith("sup"))}
-    run_all(to_run, out=out, jobs=args.jobs, threads=threads)
-    print(f"\n{args.method} on {detector}, {args.percent:g}% labels, {max_iter} iterations ({out})\n")
-    print(table(runs, out=out, percent=args.percent))
+    run_all(to_run, dirs=dirs, jobs=args.jobs, threads=threads)
+    print(f"\n{args.method} on {detector}, {args.percent:g}% labels, {max_iter} iterations\n")
+    print(table(runs, dirs=dirs, percent=args.percent))
 
 
 if __name__ == "__main__":
