@@ -1,7 +1,7 @@
 """The built-in dataset: shapes on cluttered, textured backgrounds, generated on first use.
 
     paths = ensure_builtin()                       # ~/.cache/ssod/builtin/builtin_<hash>/ (or $SSOD_CACHE/builtin)
-    paths.train_json, paths.train_images           # COCO JSON + PNG folder, 5000 images by default
+    paths.train_json, paths.train_images           # COCO JSON + PNG folder, 3000 images by default
     paths.val_json, paths.val_images               # 500 images
 
     python -m data.synthetic --out DIR             # generate (if needed) and print statistics
@@ -66,7 +66,7 @@ class BuiltinSpec:
     """Everything the generated dataset depends on; a different spec is a different dataset (and folder)."""
 
     seed: int = 0
-    num_train: int = 5000
+    num_train: int = 3000
     num_val: int = 500
     image_size: int = 128  # square images, pixels
     # ---- objects ---------------------------------------------------------------------------------------
