@@ -3,11 +3,17 @@
     python evaluate.py runs/supervised_fcos_10pct/last.pth      # last.pth: the run's newest checkpoint
     python evaluate.py CKPT --which student --vis 8            # also draw 8 images with boxes to PNG
     python evaluate.py CKPT --data-root /data/coco             # the COCO data on this machine
+    python evaluate.py CKPT --test-sizes 96 128 160 --hflip    # multi-scale (and flip) test, merged by NMS
 
 The model is rebuilt from the config stored in the checkpoint, so on the built-in dataset no other flag is
 needed (the dataset is regenerated if it is not cached). `--which` picks the teacher (the default when the
 checkpoint has one) or the student. Detections are written as a COCO results file next to the checkpoint
-(`checkpoint_<iteration>.<which>.results.json`) or to `--out`.
+(`checkpoint_<iteration>.<which>.results.json`; multi-scale: `...<which>.ms96-128-160[-flip].results.json`) or
+to `--out`.
+
+`--test-sizes` runs the detector on every val image at each short side (the long side capped in the config's
+proportion test_max_size / test_size), `--hflip` also on each mirrored; the passes' detections are mapped back
+to the original image and merged per image by class-wise NMS at `--tta-nms` (SED paper, Tab. 7).
 """
 
 import argparse
@@ -19,10 +25,10 @@ import torch
 import detectors
 from data.coco import CocoDetection
 from data.loader import build_val_loader, collate
-from data.transforms import build_eval_transform
+from data.transforms import build_eval_transform, warp_boxes
 from engine.checkpoint import load_checkpoint, load_model_state
 from engine.config import Config, dataset_files, detector_kwargs
-from engine.evaluation import evaluate, load_coco
+from engine.evaluation import evaluate, evaluate_multiscale, load_coco
 from engine.visualize import save_boxes
 
 
@@ -44,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the checkpoint's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--verbose", action="store_true", help="show pycocotools' own output")
+    parser.add_argument("--test-sizes", type=int, nargs="+", default=None, metavar="S",
+                        help="multi-scale test at these short sides (e.g. 96 128 160), passes merged by NMS")
+    parser.add_argument("--hflip", action="store_true",
+                        help="also test every size mirrored (alone: the config's test size and its mirror)")
+    parser.add_argument("--tta-nms", type=float, default=0.5, help="IoU of the NMS that merges the test passes")
     return parser.parse_args(argv)
 
 
@@ -73,33 +84,69 @@ def main(argv: list[str] | None = None) -> dict:
     # The validation set, with the checkpoint's label map (labels must mean what they meant in training).
     files = dataset_files(cfg)
     categories = [{"id": i, "name": n} for i, n in zip(meta["category_ids"], meta["class_names"])]
-    val = CocoDetection(files.val_json, files.val_images, categories=categories,
-                        transform=build_eval_transform(cfg.test_size, cfg.test_max_size))
-    loader = build_val_loader(val, batch_size=args.batch_size or cfg.labeled_batch, num_workers=cfg.num_workers,
-                              size_divisible=cfg.size_divisible)
 
+    def val_set(short_side: int, max_size: int) -> CocoDetection:
+        return CocoDetection(files.val_json, files.val_images, categories=categories,
+                             transform=build_eval_transform(short_side, max_size))
+
+    def val_loader(dataset: CocoDetection):
+        return build_val_loader(dataset, batch_size=args.batch_size or cfg.labeled_batch, num_workers=cfg.num_workers,
+                                size_divisible=cfg.size_divisible)
+
+    val = val_set(cfg.test_size, cfg.test_max_size)  # the single-scale test; the drawings' view
+    common = dict(coco_gt=load_coco(files.val_json, verbose=args.verbose), category_ids=meta["category_ids"],
+                  class_names=meta["class_names"], max_images=args.max_images or None, verbose=args.verbose,
+                  progress=True)
     print(f"evaluating the {which} of {path} ({cfg.detector}, {cfg.method}) on {files.val_json}", flush=True)
-    result = evaluate(detector, loader, coco_gt=load_coco(files.val_json, verbose=args.verbose),
-                      category_ids=meta["category_ids"], class_names=meta["class_names"],
-                      max_images=args.max_images or None, verbose=args.verbose, progress=True)
+    multiscale = args.test_sizes is not None or args.hflip
+    if multiscale:
+        short_sides = args.test_sizes or [cfg.test_size]
+        max_sizes = [round(s * cfg.test_max_size / cfg.test_size) for s in short_sides]  # the config's proportion
+        max_detections = getattr(detector.postprocessor, "detections_per_image", 100)
+        result = evaluate_multiscale(detector, [val_loader(val_set(s, m)) for s, m in zip(short_sides, max_sizes)],
+                                     hflip=args.hflip, iou_threshold=args.tta_nms, max_detections=max_detections,
+                                     **common)
+        scales = ", ".join(f"{s}/{m}" for s, m in zip(short_sides, max_sizes))
+        print(f"multi-scale test, short/long side {scales}{', each also mirrored' if args.hflip else ''}; passes "
+              f"merged by class-wise NMS at IoU {args.tta_nms:g}, best {max_detections} per image kept")
+        tag = f".ms{'-'.join(map(str, short_sides))}{'-flip' if args.hflip else ''}"  # results file, drawings
+    else:
+        result = evaluate(detector, val_loader(val), **common)
+        tag = ""
     print(result.table())
     print(f"{result.num_images} images in {result.seconds:.1f} s ({result.num_images / max(result.seconds, 1e-9):.1f} "
           f"images/s)")
     target = Path(os.path.realpath(path))  # last.pth -> the checkpoint it links to
-    out = Path(args.out) if args.out else target.with_name(f"{target.stem}.{which}.results.json")
+    out = Path(args.out) if args.out else target.with_name(f"{target.stem}.{which}{tag}.results.json")
     print(f"detections: {result.write_results_json(out)}")
 
     if args.vis > 0:
         vis_dir = Path(args.vis_dir) if args.vis_dir else path.parent / "vis"
         samples = [val[i] for i in range(min(args.vis, len(val)))]
-        batch = collate(samples, size_divisible=cfg.size_divisible)
-        detections = detectors.predict(detector, batch.images.to(device), batch.image_sizes.to(device))
+        if multiscale:  # the merged detections, moved from the original image onto the drawn view
+            detections = [results_in_view(result.results, sample, category_ids=meta["category_ids"])
+                          for sample in samples]
+        else:
+            batch = collate(samples, size_divisible=cfg.size_divisible)
+            detections = detectors.predict(detector, batch.images.to(device), batch.image_sizes.to(device))
         for sample, det in zip(samples, detections):
-            save_boxes(vis_dir / f"{sample['image_id']}.{which}.png", sample["image"], class_names=meta["class_names"],
-                       boxes=det["boxes"].cpu(), labels=det["labels"].cpu(), scores=det["scores"].cpu(),
+            save_boxes(vis_dir / f"{sample['image_id']}.{which}{tag}.png", sample["image"],
+                       class_names=meta["class_names"], boxes=det["boxes"].cpu(), labels=det["labels"].cpu(),
+                       scores=det["scores"].cpu(),
                        gt_boxes=sample["boxes"], gt_labels=sample["labels"], score_threshold=args.score_threshold)
         print(f"drawings: {vis_dir} ({len(samples)} images)")
     return result.metrics
+
+
+def results_in_view(results: list[dict], sample: dict, *, category_ids: list[int]) -> dict:
+    """The COCO result entries of the sample's image as {"boxes" (K, 4) xyxy in the sample's frame, "scores"
+    (K,), "labels" int64 (K,)}."""
+    mine = [r for r in results if r["image_id"] == sample["image_id"]]
+    xywh = torch.tensor([r["bbox"] for r in mine], dtype=torch.float32).reshape(-1, 4)  # original pixels
+    boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)  # (K, 4) xyxy
+    return {"boxes": warp_boxes(boxes, sample["matrix"]),
+            "scores": torch.tensor([r["score"] for r in mine], dtype=torch.float32),
+            "labels": torch.tensor([category_ids.index(r["category_id"]) for r in mine], dtype=torch.int64)}
 
 
 if __name__ == "__main__":

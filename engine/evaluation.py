@@ -6,6 +6,10 @@
 
 Metrics are fractions in [0, 1] (printed as percentages). A run with no detections at all scores 0 instead
 of crashing pycocotools, whose `loadRes` cannot take an empty list.
+
+Multi-scale testing (`evaluate_multiscale`, SED paper Tab. 7): the same images at several short sides, and
+optionally mirrored; every pass's detections go back to original pixels, `merge_detections` fuses the passes
+of an image with class-wise NMS, and the merged detections are scored as above.
 """
 
 import contextlib
@@ -21,9 +25,10 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
+from torchvision.ops import batched_nms
 
 import detectors
-from data.transforms import clip_boxes, warp_boxes
+from data.transforms import clip_boxes, hflip_matrix, warp_boxes
 from engine import distributed
 
 # The order of COCOeval.stats.
@@ -99,11 +104,66 @@ def to_coco_results(detections: list[dict], *, matrices: Tensor, orig_sizes: lis
     results = []
     for det, matrix, orig_size, image_id in zip(detections, matrices, orig_sizes, image_ids):
         boxes = boxes_to_original(det["boxes"].detach().cpu(), matrix.cpu(), orig_size)  # (K, 4)
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        for box, score, label in zip(xywh, det["scores"].tolist(), det["labels"].tolist()):
-            results.append({"image_id": int(image_id), "category_id": int(category_ids[label]),
-                            "bbox": [round(v, 3) for v in box], "score": round(float(score), 5)})
+        results += coco_entries(boxes, det["scores"], det["labels"], image_id=image_id, category_ids=category_ids)
     return results
+
+
+def coco_entries(boxes: Tensor, scores: Tensor, labels: Tensor, *, image_id: int,
+                 category_ids: list[int]) -> list[dict]:
+    """One image's detections, already in original pixels, as COCO result entries.
+
+    boxes: float (K, 4) xyxy original pixels; scores (K,); labels int64 (K,) in 0..C-1.
+    Returns [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}], rounded for the JSON file.
+    """
+    boxes = boxes.detach().cpu().float()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    return [{"image_id": int(image_id), "category_id": int(category_ids[label]),
+             "bbox": [round(v, 3) for v in box], "score": round(float(score), 5)}
+            for box, score, label in zip(xywh, scores.tolist(), labels.tolist())]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Multi-scale and flip testing: passes -> one set of detections per image
+# --------------------------------------------------------------------------------------------------------
+
+
+def hflip_batch(images: Tensor, image_sizes: Tensor, matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """The batch mirrored left-right, image by image.
+
+    images: float (B, 3, H, W) zero-padded at the bottom / right; image_sizes: int (B, 2) (h, w) of the valid
+    regions; matrices: float64 (B, 3, 3) original -> batch frame.
+    Returns (images (B, 3, H, W), matrices (B, 3, 3)): each valid region is mirrored within itself, so the
+    padding stays at the bottom / right and image_sizes still hold, and each matrix gains the mirror,
+    hflip_matrix(w_i) @ matrices[i], so that `boxes_to_original` undoes it like any other view.
+    """
+    flipped, flipped_matrices = images.clone(), matrices.clone()
+    for i, (h, w) in enumerate(image_sizes.tolist()):
+        flipped[i, :, :h, :w] = images[i, :, :h, :w].flip(-1)
+        flipped_matrices[i] = hflip_matrix(w).to(matrices) @ matrices[i]
+    return flipped, flipped_matrices
+
+
+def merge_detections(passes: list[dict[str, Tensor]], *, iou_threshold: float,
+                     max_detections: int) -> dict[str, Tensor]:
+    """Fuse the detections of one image from several test passes (scales, flips).
+
+    passes: P dicts {"boxes" float (K_p, 4) xyxy, "scores" (K_p,), "labels" int64 (K_p,)}, every pass in the
+    same frame (the original image's pixels).
+    Returns {"boxes" (D, 4), "scores" (D,), "labels" (D,)}, D <= max_detections, by decreasing score: the
+    union of the passes after class-wise NMS at `iou_threshold`, so that an object found at several scales
+    keeps its best-scored box, and boxes of different classes never suppress each other.
+    A single pass has nothing to merge: it keeps its own detector's NMS and is only cut to max_detections,
+    so one pass at the test size gives exactly the single-scale detections.
+    """
+    boxes = torch.cat([p["boxes"].float() for p in passes])  # (sum K_p, 4)
+    scores = torch.cat([p["scores"].float() for p in passes])  # (sum K_p,)
+    labels = torch.cat([p["labels"] for p in passes])  # (sum K_p,)
+    if len(passes) > 1:
+        keep = batched_nms(boxes, scores, labels, iou_threshold)  # indices by decreasing score
+    else:
+        keep = scores.argsort(descending=True, stable=True)
+    keep = keep[:max_detections]
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -164,17 +224,10 @@ def evaluate(detector, loader, *, coco_gt: COCO, category_ids: list[int], class_
     total image count and the slowest rank's seconds; `results` holds all detections on rank 0, and each
     other rank's own share there.
     """
-    model = detector.model
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    device = next(detector.model.parameters()).device
     results, image_ids, seconds = [], [], 0.0
-    batches = loader
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True)
-    try:
-        for batch in batches:
+    with _eval_mode(detector.model):
+        for batch in _progress(loader, enabled=progress):
             start = time.perf_counter()
             detections = detectors.predict(detector, batch.images.to(device), batch.image_sizes.to(device))
             seconds += time.perf_counter() - start
@@ -183,8 +236,60 @@ def evaluate(detector, loader, *, coco_gt: COCO, category_ids: list[int], class_
             image_ids += list(batch.image_ids)
             if max_images is not None and len(image_ids) * distributed.world_size() >= max_images:
                 break
-    finally:
-        model.train(was_training)
+    return _score(results, image_ids, seconds, coco_gt=coco_gt, category_ids=category_ids, class_names=class_names,
+                  verbose=verbose)
+
+
+@torch.no_grad()
+def evaluate_multiscale(detector, loaders: list, *, hflip: bool = False, iou_threshold: float = 0.5,
+                        max_detections: int = 100, coco_gt: COCO, category_ids: list[int], class_names: list[str],
+                        max_images: int | None = None, verbose: bool = False,
+                        progress: bool = False) -> Evaluation:
+    """Test-time augmentation: `evaluate` with every image seen at several scales (and mirrored), merged.
+
+    loaders: one validation loader per test scale (each with its own eval transform), over the same images
+    in the same order and batch size, so that zipping them gives the views of one batch of images.
+    hflip: also run every scale mirrored (`hflip_batch`). Each pass's detections are mapped to original
+    pixels through the batch's matrices, then `merge_detections(iou_threshold, max_detections)` fuses the
+    2 * S (or S) passes of each image. Other arguments and the result as in `evaluate`; `seconds` covers
+    every pass, the flips and the merging.
+    """
+    device = next(detector.model.parameters()).device
+    results, image_ids, seconds = [], [], 0.0
+    with _eval_mode(detector.model):
+        for batches in _progress(zip(*loaders), total=len(loaders[0]), enabled=progress):
+            ids = list(batches[0].image_ids)
+            if any(list(batch.image_ids) != ids for batch in batches):
+                raise ValueError("evaluate_multiscale: the loaders do not yield the same images in the same order")
+            start = time.perf_counter()
+            passes = [[] for _ in ids]  # per image: its detections of every pass, in original pixels
+            for batch in batches:
+                images, sizes = batch.images.to(device), batch.image_sizes.to(device)
+                views = [(images, batch.matrices)]
+                if hflip:
+                    views.append(hflip_batch(images, batch.image_sizes, batch.matrices))
+                for view_images, matrices in views:
+                    detections = detectors.predict(detector, view_images, sizes)
+                    for i, (det, matrix) in enumerate(zip(detections, matrices)):
+                        boxes = boxes_to_original(det["boxes"].cpu(), matrix, batch.orig_sizes[i])  # (K, 4)
+                        passes[i].append({"boxes": boxes, "scores": det["scores"].cpu(),
+                                          "labels": det["labels"].cpu()})
+            merged = [merge_detections(image_passes, iou_threshold=iou_threshold, max_detections=max_detections)
+                      for image_passes in passes]
+            seconds += time.perf_counter() - start
+            for image_id, det in zip(ids, merged):
+                results += coco_entries(det["boxes"], det["scores"], det["labels"], image_id=image_id,
+                                        category_ids=category_ids)
+            image_ids += ids
+            if max_images is not None and len(image_ids) * distributed.world_size() >= max_images:
+                break
+    return _score(results, image_ids, seconds, coco_gt=coco_gt, category_ids=category_ids, class_names=class_names,
+                  verbose=verbose)
+
+
+def _score(results: list[dict], image_ids: list[int], seconds: float, *, coco_gt: COCO, category_ids: list[int],
+           class_names: list[str], verbose: bool) -> Evaluation:
+    """Gather this rank's COCO results on rank 0, score them there, and give every rank the scores."""
     names = {category_id: name for category_id, name in zip(category_ids, class_names)}
     gathered = distributed.gather((results, image_ids, seconds))  # [(results, ids, seconds) per rank] on rank 0
     summary = None
@@ -195,6 +300,25 @@ def evaluate(detector, loader, *, coco_gt: COCO, category_ids: list[int], class_
         summary = (metrics, per_class, len(image_ids), max(rank_seconds for _, _, rank_seconds in gathered))
     metrics, per_class, num_images, seconds = distributed.broadcast(summary)
     return Evaluation(metrics=metrics, per_class=per_class, results=results, num_images=num_images, seconds=seconds)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """The model in eval mode for the block, then back in its previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _progress(batches, *, total: int | None = None, enabled: bool):
+    """A tqdm bar over the batches when enabled (tqdm is imported only then)."""
+    if not enabled:
+        return batches
+    from tqdm import tqdm
+    return tqdm(batches, total=total, desc="eval", leave=False, dynamic_ncols=True)
 
 
 @contextlib.contextmanager
