@@ -9,7 +9,11 @@ same run), divided by the kernel's time. 100% would be a kernel as fast as copyi
 THP_MEM_ALLOC_ENABLE=0 to see the cost of 4 KB page faults on fresh outputs included.
 
 Byte counts of the floor:
-    ghm_kl         forward reads student + teacher; backward reads them again and writes the gradient: 5 R C
+    ghm_kl         5 R C elements for forward + backward. The weights of Eq. 5 need the counts of all bins,
+                   so data larger than the caches takes two passes: the forward reads student + teacher
+                   (2 R C); then either the backward reads them again and writes the gradient (3 R C), or
+                   the forward also writes the unweighted gradient (R C) and the backward reads it and
+                   writes the gradient over it (2 R C), as the fused op does
     frs_topk_mask  reads the logits once and writes the mask: R C + R bytes
     jitter         jitter: reads boxes and noise, writes the copies; refine: reads the predicted class's
                    deltas and the boxes of every copy, the labels, and writes the mean box and uncertainty

@@ -70,6 +70,27 @@ inline void check_ghm_backward_inputs(const at::Tensor& grad, const at::Tensor& 
   check_contiguous(counts, op, "counts");
 }
 
+inline bool check_ghm_weight_inputs(const at::Tensor& dkl, const at::Tensor& sample_bins, const at::Tensor& grad,
+                                    const at::Tensor& counts, c10::string_view mode, int64_t bins,
+                                    at::DeviceType device, const char* op) {
+  TORCH_CHECK(mode == "sigmoid" || mode == "softmax", "ssod_ops.", op,
+              ": mode must be \"sigmoid\" or \"softmax\", got \"", mode, "\"");
+  TORCH_CHECK(bins >= 1 && bins <= (1 << 20), "ssod_ops.", op, ": bins must be in [1, 2^20], got ", bins);
+  check_float(dkl, op, "dkl");
+  check_dim(dkl, 2, op, "dkl");
+  check_device(dkl, device, op, "dkl");
+  check_contiguous(dkl, op, "dkl");
+  check_ghm_backward_inputs(grad, counts, bins, dkl, op);
+  const bool sigmoid = mode == "sigmoid";
+  check_dtype(sample_bins, at::kInt, op, "sample_bins");
+  const int64_t samples = sigmoid ? 0 : dkl.size(0);
+  TORCH_CHECK(sample_bins.dim() == 1 && sample_bins.size(0) == samples, "ssod_ops.", op,
+              ": sample_bins must be (", samples, ",) in ", mode, " mode, got ", sample_bins.sizes());
+  check_same_device(sample_bins, dkl, op, "sample_bins", "dkl");
+  check_contiguous(sample_bins, op, "sample_bins");
+  return sigmoid;
+}
+
 inline void check_jitter_inputs(const at::Tensor& boxes, const at::Tensor& noise, at::DeviceType device,
                                 const char* op) {
   check_float(boxes, op, "boxes");

@@ -4,9 +4,9 @@
 // that would stop a compiler from vectorising the CPU loops that call it, so the CPU tests exercise the
 // same formulas the GPU runs. The per-element functions are templates that the CPU's vector loops also
 // instantiate with packs of float lanes (see Lanes<V> below): one definition of the math for the GPU,
-// the CPU's vector loops and their scalar remainders. float32 uses its own exp / log1p (a range reduction
-// and a polynomial, within about one ulp) because the C library's cannot be vectorised; float64 uses the C
-// library.
+// the CPU's vector loops and their scalar remainders. float32 uses its own exp (a range reduction and a
+// polynomial, within about one ulp) and logarithm of a ratio (a short series, no range reduction) because the
+// C library's cannot be vectorised; float64 uses the C library.
 #pragma once
 
 #include <cmath>
@@ -78,12 +78,21 @@ struct Lanes<float> {
   using Elem = float;
   // 2^n for an integral n in [-126, 127].
   static SSOD_HD float pow2(float n) { return bits_to_float((static_cast<int32_t>(n) + 127) << 23); }
+  // x 2^n for an integral n in [-126, 127] and a normal result (exact).
+  static SSOD_HD float times_pow2(float x, float n) { return x * pow2(n); }
 };
 
 template <>
 struct Lanes<double> {
   using Elem = double;
 };
+
+// x = 2^k m with m in [1, 2), for a normal positive float x: returns m, sets k (as a float).
+SSOD_HD float split_exponent(float x, float& k) {
+  const uint32_t bits = float_to_bits(x);
+  k = static_cast<float>(static_cast<int32_t>(bits >> 23) - 127);
+  return bits_to_float(static_cast<int32_t>((bits & 0x007fffffu) | 0x3f800000u));
+}
 
 template <typename V>
 using ElemOf = typename Lanes<V>::Elem;
@@ -123,7 +132,7 @@ SSOD_HD V exp_nonpositive(V x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const V e_r = p * (r * r) + r + 1.0f;
-  return e_r * Lanes<V>::pow2(n);
+  return Lanes<V>::times_pow2(e_r, n);  // e_r >= 1 when n = -126: the result is normal
 }
 
 // float64: the C library (a non-template overload, so it is the one picked for double).
@@ -131,35 +140,31 @@ SSOD_HD double exp_nonpositive(double x) {
   return exp(x);
 }
 
-// log(1 + a) for a in (-0.5, 1], float32 (V = float or a pack of floats). With 1 + a = 2^k m,
-// m in [sqrt(1/2), sqrt(2)] and x = m - 1 formed from a without rounding 1 + a (so small a keep full
-// relative precision), log(1 + a) = k ln2 + log(1 + x), log(1 + x) = x - x^2 / 2 + x^3 P(x), P the degree-8
-// minimax polynomial of the Cephes library. No division.
+// log(x) for a normal positive x, float32 (V = float or a pack of floats), within about one ulp: with
+// x = 2^k m, m in [sqrt(1/2), sqrt(2)) and f = m - 1 (exact), log x = k ln2 + f - f^2 / 2 + f^3 P(f), P the
+// degree-8 minimax polynomial of the Cephes library, ln2 split in two so that k ln2_hi is exact.
 template <typename V>
-SSOD_HD V log1p_small(V a) {
-  const auto high = a > 0.41421356f;  // 1 + a > sqrt(2): m = (1 + a) / 2
-  const auto low = a < -0.29289322f;  // 1 + a < sqrt(1/2): m = 2 (1 + a)
-  // x and k ln 2 of each range, all computed, then selected without branches.
-  const V x_high = (a - 1.0f) * 0.5f;
-  const V x_low = 2.0f * a + 1.0f;
-  V x = where(low, x_low, a);
-  x = where(high, x_high, x);
-  V k_ln2 = where(low, -0.693147180559945f, 0.0f);
-  k_ln2 = where(high, 0.693147180559945f, k_ln2);
-  V p = x * 7.0376836292e-2f - 1.1514610310e-1f;
-  p = p * x + 1.1676998740e-1f;
-  p = p * x - 1.2420140846e-1f;
-  p = p * x + 1.4249322787e-1f;
-  p = p * x - 1.6668057665e-1f;
-  p = p * x + 2.0000714765e-1f;
-  p = p * x - 2.4999993993e-1f;
-  p = p * x + 3.3333331174e-1f;
-  const V x2 = x * x;
-  return k_ln2 + (x + (p * x * x2 - 0.5f * x2));
+SSOD_HD V log_positive(V x) {
+  V k;
+  const V m = split_exponent(x, k);  // in [1, 2)
+  const auto high = m > 1.41421356f;
+  const V f = where(high, m * 0.5f, m) - 1.0f;
+  k = where(high, k + 1.0f, k);
+  V p = f * 7.0376836292e-2f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const V f2 = f * f;
+  const V tail = (p * f * f2 + k * -2.12194440e-4f) - 0.5f * f2;
+  return (f + tail) + k * 0.693359375f;
 }
 
-SSOD_HD double log1p_small(double a) {
-  return log1p(a);
+SSOD_HD double log_positive(double x) {
+  return log(x);
 }
 
 SSOD_HD float exp_any(float x) {
@@ -206,42 +211,68 @@ SSOD_HD int32_t gradient_bin(T g, int32_t bins) {
   return b < bins - 1 ? b : bins - 1;
 }
 
-// The sigmoids of a student logit s and a teacher logit t, and the pieces the KL reuses.
+// log((1 + e_s) / (1 + e_t)) for e_s, e_t in (0, 1], given a = 1 + e_s and b = 1 + e_t, float32 (V = float
+// or a pack of floats). The ratio lies in (1/2, 2], so with z = (a - b) / (a + b) in (-1/3, 1/3) it is
+// 2 atanh(z) = 2z + 2z^3 Q(z^2): no range reduction, and z keeps full relative precision when e_s ~ e_t.
+// Q is a degree-3 fit (relative error of the whole below 1.5e-8) written in w = (2z)^2.
 template <typename V>
-SSOD_HD void bernoulli_probs(V s, V t, V& es, V& et, V& rt, V& ps, V& pt) {
+SSOD_HD V log_ratio(V es, V et, V a, V b) {
   using T = ElemOf<V>;
-  es = exp_nonpositive(-abs_value(s));  // e = exp(-|x|), in (0, 1]
-  et = exp_nonpositive(-abs_value(t));
+  const V z2 = (es - et) * (T(2) / (a + b));  // 2z
+  const V w = z2 * z2;
+  V q = w * T(5.4104858567e-04) + T(2.1916944025e-03);
+  q = q * w + T(1.2506065204e-02);
+  q = q * w + T(8.3333025429e-02);
+  return (z2 * w) * q + z2;
+}
+
+// float64: the C library's log1p of (e_s - e_t) / (1 + e_t).
+SSOD_HD double log_ratio(double es, double et, double a, double b) {
+  return log1p((es - et) / b);
+}
+
+// The sigmoids p_s, p_t of a student logit s and a teacher logit t from e_s = exp(-|s|), e_t = exp(-|t|),
+// and 1 / (1 + e_t).
+template <typename V>
+SSOD_HD void bernoulli_probs_of(V s, V t, V es, V et, V& rt, V& ps, V& pt) {
+  using T = ElemOf<V>;
   V rs;
   two_reciprocals(es + T(1), et + T(1), rs, rt);  // 1 / (1 + e)
   ps = where(s >= T(0), rs, es * rs);  // sigmoid(s) without overflow
   pt = where(t >= T(0), rt, et * rt);
 }
 
-// Binary KL(teacher || student) of one element from its logits s (student) and t (teacher), and the
-// gradient norm g = |p_s - p_t| = |dKL / ds|. With e = exp(-|x|), softplus(x) = max(x, 0) + log1p(e), and
-//   KL = p_t (softplus(-s) - softplus(-t)) + q_t (softplus(s) - softplus(t))
-//      = L + p_t (max(-s, 0) - max(-t, 0)) + q_t (max(s, 0) - max(t, 0)),
-// L = log1p(e_s) - log1p(e_t) = log1p((e_s - e_t) / (1 + e_t)): one logarithm, accurate when s ~ t.
+// Binary KL(teacher || student) of one element and its derivative d = dKL / ds = p_s - p_t (g = |d| is
+// the gradient norm that picks its bin), given e_s = exp(-|s|) and e_t = exp(-|t|). With
+// softplus(x) = max(x, 0) + log1p(e), log p = -softplus(-x) and log (1 - p) = -softplus(x):
+//   KL = softplus(s) - softplus(t) + p_t (t - s) = softplus(-s) - softplus(-t) + (1 - p_t) (s - t),
+// and softplus(s) - softplus(t) = max(s, 0) - max(t, 0) + L, L = log((1 + e_s) / (1 + e_t)). Taking the
+// first form for t < 0 and the second for t >= 0 (so the probability multiplying s - t is the smaller one,
+// m = e_t / (1 + e_t), and no large terms cancel), with u = s for t < 0 and u = -s for t >= 0:
+//   KL = L + max(u, 0) - m (u + |t|).
 template <typename V>
-SSOD_HD void bernoulli_kl(V s, V t, V& kl, V& g) {
+SSOD_HD void bernoulli_kl_of(V s, V t, V es, V et, V& kl, V& d) {
   using T = ElemOf<V>;
-  V es, et, rt, ps, pt;
-  bernoulli_probs(s, t, es, et, rt, ps, pt);
-  const V qt = where(t >= T(0), et * rt, rt);  // 1 - p_t without cancellation
-  const V log_ratio = log1p_small((es - et) * rt);
-  kl = log_ratio + pt * (max0(-s) - max0(-t)) + qt * (max0(s) - max0(t));
-  g = abs_value(ps - pt);
+  V rt, ps, pt;
+  bernoulli_probs_of(s, t, es, et, rt, ps, pt);
+  d = ps - pt;
+  const V m = et * rt;
+  const V u = where(t >= T(0), -s, s);
+  kl = log_ratio(es, et, es + T(1), et + T(1)) + max0(u) - m * (u + abs_value(t));
 }
 
-// dKL / ds of one element: p_s - p_t (and g = |p_s - p_t| to find its bin).
+// The same from the logits alone.
 template <typename V>
-SSOD_HD V bernoulli_kl_grad(V s, V t, V& g) {
-  V es, et, rt, ps, pt;
-  bernoulli_probs(s, t, es, et, rt, ps, pt);
-  const V d = ps - pt;
-  g = abs_value(d);
-  return d;
+SSOD_HD void bernoulli_kl(V s, V t, V& kl, V& d) {
+  bernoulli_kl_of(s, t, exp_nonpositive(-abs_value(s)), exp_nonpositive(-abs_value(t)), kl, d);
+}
+
+// dKL / ds of one element: p_s - p_t, exactly as bernoulli_kl forms it.
+template <typename V>
+SSOD_HD V bernoulli_kl_grad(V s, V t) {
+  V rt, ps, pt;
+  bernoulli_probs_of(s, t, exp_nonpositive(-abs_value(s)), exp_nonpositive(-abs_value(t)), rt, ps, pt);
+  return ps - pt;
 }
 
 // Maximum m and normaliser z = sum_c exp(x_c - m) of one row of C logits (stride 1): the softmax is
@@ -271,35 +302,35 @@ SSOD_HD SoftmaxRow<T> softmax_row(const T* x, int64_t C) {
   return {m, T(1) / z, log_any(z)};
 }
 
-// One class's share of the C-way KL of a row and of its gradient norm: from the logits s, t, their
-// exp(x - max) es, et, and the constants of both rows, the KL summand p_t (log p_t - log p_s) and
-// |p_s - p_t|. V is a scalar, or a pack of classes (of one row, or of several rows side by side with T a
-// pack of their constants).
+// One class's share of the C-way KL of a row and its derivative: from the logits s, t, their exp(x - max)
+// es, et, and the constants of both rows, the KL summand p_t (log p_t - log p_s) and d = p_s - p_t
+// (dKL / ds of this class; the row's gradient norm is half the sum of |d|). V is a scalar, or a pack of
+// classes (of one row, or of several rows side by side with T a pack of their constants).
 template <typename V, typename T>
-SSOD_HD void softmax_kl_term(V s, V t, V es, V et, const SoftmaxRow<T>& rs, const SoftmaxRow<T>& rt, V& kl,
-                             V& abs_diff) {
+SSOD_HD void softmax_kl_term(V s, V t, V es, V et, const SoftmaxRow<T>& rs, const SoftmaxRow<T>& rt, V& kl, V& d) {
   const V ps = es * rs.inv_z;
   const V pt = et * rt.inv_z;
   const V log_ps = (s - rs.max) - rs.log_z;
   const V log_pt = (t - rt.max) - rt.log_z;
   kl = pt * (log_pt - log_ps);
-  abs_diff = abs_value(ps - pt);
+  d = ps - pt;
 }
 
 // C-way KL(teacher || student) of one row, g = 0.5 sum_c |p_s,c - p_t,c|, and the softmax constants of
-// both rows (the backward needs p_s,c and p_t,c).
+// both rows; with d not null, also the row's dKL / ds, p_s,c - p_t,c, into d[0 .. C).
 template <typename T>
-SSOD_HD void softmax_kl_row(const T* s, const T* t, int64_t C, T& kl, T& g, SoftmaxRow<T>& rs, SoftmaxRow<T>& rt) {
+SSOD_HD void softmax_kl_row(const T* s, const T* t, int64_t C, T& kl, T& g, SoftmaxRow<T>& rs, SoftmaxRow<T>& rt,
+                            T* d = nullptr) {
   rs = softmax_row(s, C);
   rt = softmax_row(t, C);
   T acc_kl = T(0), acc_g = T(0);
   SSOD_SIMD_REDUCE(+, acc_kl, acc_g)
   for (int64_t c = 0; c < C; ++c) {
-    T kl_c, abs_diff;
-    softmax_kl_term(s[c], t[c], exp_nonpositive(s[c] - rs.max), exp_nonpositive(t[c] - rt.max), rs, rt, kl_c,
-                    abs_diff);
+    T kl_c, d_c;
+    softmax_kl_term(s[c], t[c], exp_nonpositive(s[c] - rs.max), exp_nonpositive(t[c] - rt.max), rs, rt, kl_c, d_c);
+    if (d != nullptr) d[c] = d_c;
     acc_kl += kl_c;
-    acc_g += abs_diff;
+    acc_g += abs_value(d_c);
   }
   kl = acc_kl;
   g = T(0.5) * acc_g;

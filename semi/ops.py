@@ -74,8 +74,9 @@ def _use_extension(*tensors: Tensor) -> bool:
     return device == "cpu" or (device == "cuda" and _EXTENSION_CUDA)
 
 
-# Fake (meta) implementations and autograd formulas of the registered ops, so that they work under
-# torch.compile / FakeTensor and with .backward(). The kernels themselves are registered in C++.
+# Fake (meta) implementations of the registered ops, so that they work under torch.compile / FakeTensor. The
+# kernels, and the autograd of ghm_kl (which keeps the gradient its forward pass writes out of sight, see
+# csrc/ops.cpp), are registered in C++.
 if _HAS_EXTENSION:
 
     @torch.library.register_fake("ssod_ops::ghm_kl")
@@ -85,6 +86,20 @@ if _HAS_EXTENSION:
     @torch.library.register_fake("ssod_ops::ghm_kl_backward")
     def _ghm_kl_backward_fake(grad, student, teacher, counts, mode, bins):
         return torch.empty_like(student)
+
+    @torch.library.register_fake("ssod_ops::ghm_kl_forward")
+    def _ghm_kl_forward_fake(student: Tensor, teacher: Tensor, mode: str, bins: int):
+        samples = 0 if mode == "sigmoid" else student.shape[0]
+        return (
+            student.new_empty(()),
+            student.new_empty((bins,), dtype=torch.int64),
+            torch.empty_like(student),
+            student.new_empty((samples,), dtype=torch.int32),
+        )
+
+    @torch.library.register_fake("ssod_ops::ghm_kl_weight_")
+    def _ghm_kl_weight_fake(dkl, sample_bins, grad, counts, kl_mode, bins):
+        return None
 
     @torch.library.register_fake("ssod_ops::jitter_apply")
     def _jitter_apply_fake(boxes: Tensor, noise: Tensor, scale: float):
@@ -98,23 +113,6 @@ if _HAS_EXTENSION:
     @torch.library.register_fake("ssod_ops::frs_topk_mask")
     def _frs_topk_mask_fake(logits: Tensor, k: int):
         return logits.new_empty((logits.shape[0],), dtype=torch.bool), logits.new_empty(())
-
-    def _ghm_kl_setup_context(ctx, inputs, output):
-        student, teacher, mode, bins = inputs
-        _, counts = output
-        ctx.save_for_backward(student, teacher, counts)
-        ctx.mode, ctx.bins = mode, bins
-
-    def _ghm_kl_backward(ctx, grad_loss, grad_counts):
-        student, teacher, counts = ctx.saved_tensors
-        grad_student = torch.ops.ssod_ops.ghm_kl_backward(
-            grad_loss.contiguous(), student, teacher, counts, ctx.mode, ctx.bins
-        )
-        return grad_student, None, None, None  # the teacher is a stop-gradient target (SED Eq. 2-3)
-
-    torch.library.register_autograd(
-        "ssod_ops::ghm_kl", _ghm_kl_backward, setup_context=_ghm_kl_setup_context
-    )
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -267,6 +267,182 @@ def test_kernel_checks_give_clear_errors():
                                         [10.0, 10.0, 5.0, 5.0], 4.0)
 
 
+
+# ghm_kl_forward keeps the unweighted gradient dKL / ds (and, in softmax mode, every row's bin) so that the
+# backward is an in-place multiply (ghm_kl_weight_); ghm_kl_backward recomputes the same numbers.
+
+
+def _reference_dkl_and_bins(s, t, mode, bins):
+    """p_s - p_t per element (sigmoid) or per class (softmax), and the bin of every sample."""
+    if mode == "sigmoid":
+        d = torch.sigmoid(s) - torch.sigmoid(t)
+        g = d.abs()
+    else:
+        d = torch.softmax(s, dim=-1) - torch.softmax(t, dim=-1)
+        g = 0.5 * d.abs().sum(dim=-1)
+    return d, (g * bins).floor().long().clamp_(max=bins - 1)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (37, 13), (67, 81), (301, 7)])
+def test_ghm_kl_forward_keeps_the_gradient(dtype, mode, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    s = torch.randn(shape, generator=gen, dtype=dtype) * 3
+    t = torch.randn(shape, generator=gen, dtype=dtype) * 3
+    loss, counts, dkl, sample_bins = torch.ops.ssod_ops.ghm_kl_forward(s, t, mode, 10)
+    plain_loss, plain_counts = torch.ops.ssod_ops.ghm_kl(s, t, mode, 10)
+    assert torch.equal(loss, plain_loss) and torch.equal(counts, plain_counts)  # the same pass
+    d, bins = _reference_dkl_and_bins(s, t, mode, 10)
+    assert dkl.shape == s.shape and dkl.dtype == dtype
+    torch.testing.assert_close(dkl, d, **tolerances(dtype))
+    assert sample_bins.dtype == torch.int32
+    if mode == "sigmoid":
+        assert sample_bins.shape == (0,)
+    else:
+        assert torch.equal(sample_bins.long(), bins)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("bins", [1, 10, 33, 50])
+@pytest.mark.parametrize("shape", [(1, 1), (37, 13), (67, 81), (1000, 5), (20, 300)])
+def test_ghm_kl_weight_equals_the_recomputed_backward(dtype, mode, bins, shape):
+    # The in-place weighting of the forward's dkl and the backward that recomputes it from the logits give
+    # the same numbers, bit for bit (bins up to 32 take a table lookup on the CPU, more a gather).
+    gen = torch.Generator().manual_seed(bins + sum(shape))
+    s = torch.randn(shape, generator=gen, dtype=dtype) * 3
+    t = torch.randn(shape, generator=gen, dtype=dtype) * 3
+    grad = torch.tensor(0.37, dtype=dtype)
+    _, counts, dkl, sample_bins = torch.ops.ssod_ops.ghm_kl_forward(s, t, mode, bins)
+    recomputed = torch.ops.ssod_ops.ghm_kl_backward(grad, s, t, counts, mode, bins)
+    torch.ops.ssod_ops.ghm_kl_weight_(dkl, sample_bins, grad, counts, mode, bins)
+    assert torch.equal(dkl, recomputed)
+    s_ref = s.clone().requires_grad_()
+    (grad * ops.ghm_kl_reference(s_ref, t, mode=mode, bins=bins).loss).backward()
+    torch.testing.assert_close(dkl, s_ref.grad, **tolerances(dtype))
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_ghm_kl_backward_twice_with_retain_graph(mode):
+    # The first backward hands the forward's buffer over as the gradient; a second backward of the same
+    # graph recomputes it, with the same result.
+    gen = torch.Generator().manual_seed(3)
+    s = (torch.randn(300, 81, generator=gen) * 3).requires_grad_()
+    t = torch.randn(300, 81, generator=gen) * 3
+    loss = 2.5 * ops.ghm_kl(s, t, mode=mode)
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward()
+    assert torch.equal(s.grad, first + first)
+    s_ref = s.detach().clone().requires_grad_()
+    (2.5 * ops.ghm_kl_reference(s_ref, t, mode=mode, bins=10).loss).backward()
+    torch.testing.assert_close(first, s_ref.grad, rtol=1e-5, atol=1e-9)
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_ghm_kl_without_grad_gives_the_same_loss(mode):
+    gen = torch.Generator().manual_seed(4)
+    s, t = torch.randn(500, 81, generator=gen), torch.randn(500, 81, generator=gen)
+    with_grad = ops.ghm_kl_with_counts(s.clone().requires_grad_(), t, mode=mode)
+    with torch.no_grad():
+        without = ops.ghm_kl_with_counts(s.clone().requires_grad_(), t, mode=mode)
+    assert torch.equal(with_grad.loss.detach(), without.loss) and torch.equal(with_grad.counts, without.counts)
+    assert with_grad.loss.requires_grad and not without.loss.requires_grad
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes", [16, 127, 128, 129, 200, 1024, 1025])
+def test_ghm_kl_softmax_row_widths_around_the_cpu_paths(dtype, classes):
+    # Softmax rows up to 128 classes go 16 rows at a time on the CPU, wider ones two at a time, and beyond
+    # 1024 classes one class at a time; 37 rows leave a partial group.
+    gen = torch.Generator().manual_seed(classes)
+    s = torch.randn(37, classes, generator=gen, dtype=dtype) * 3
+    t = torch.randn(37, classes, generator=gen, dtype=dtype) * 3
+    s_kernel, s_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
+    out = ops.ghm_kl_with_counts(s_kernel, t, mode="softmax", bins=10)
+    ref = ops.ghm_kl_reference(s_ref, t, mode="softmax", bins=10)
+    assert torch.equal(out.counts, ref.counts)
+    torch.testing.assert_close(out.loss, ref.loss, **tolerances(dtype))
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(s_kernel.grad, s_ref.grad, **tolerances(dtype))
+
+
+@needs_ext
+def test_ghm_kl_large_sigmoid_forward_and_backward():
+    # More than 16 MB of gradient: the CPU forward writes it past the caches (streaming stores).
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randn(4100, 1025, generator=gen) * 3
+    t = torch.randn(4100, 1025, generator=gen) * 3
+    s_kernel, s_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
+    out = ops.ghm_kl_with_counts(s_kernel, t, mode="sigmoid", bins=10)
+    ref = ops.ghm_kl_reference(s_ref, t, mode="sigmoid", bins=10)
+    assert torch.equal(out.counts, ref.counts)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(s_kernel.grad, s_ref.grad, rtol=1e-5, atol=1e-12)
+
+
+@needs_ext
+def test_ghm_kl_large_gradients_are_not_shared():
+    # The CPU kernel hands the memory of a freed large gradient (16 MB or more) out again for the next one of
+    # the same size: a gradient still alive must keep its values, and a reused buffer must give the same
+    # result as a fresh one.
+    gen = torch.Generator().manual_seed(7)
+    s, t = torch.randn(4100, 1025, generator=gen), torch.randn(4100, 1025, generator=gen)
+    other = torch.randn(4100, 1025, generator=gen)
+
+    def gradient(x):
+        x = x.clone().requires_grad_()
+        ops.ghm_kl(x, t, mode="sigmoid").backward()
+        return x.grad
+
+    first = gradient(s)
+    kept = first.clone()
+    second = gradient(other)  # `first` is alive: its memory must not be reused
+    assert torch.equal(first, kept)
+    del first, kept
+    again = gradient(other)  # may reuse the memory of `first`
+    assert torch.equal(again, second)
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_ghm_kl_gradient_is_deterministic_across_thread_counts(mode):
+    gen = torch.Generator().manual_seed(6)
+    s, t = torch.randn(3000, 100, generator=gen), torch.randn(3000, 100, generator=gen)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            x = s.clone().requires_grad_()
+            ops.ghm_kl(x, t, mode=mode).backward()
+            grads.append(x.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+@needs_ext
+def test_ghm_kl_weight_checks_give_clear_errors():
+    s = torch.zeros(4, 6)
+    _, counts, dkl, sample_bins = torch.ops.ssod_ops.ghm_kl_forward(s, s, "softmax", 10)
+    with pytest.raises(RuntimeError, match=r"ghm_kl_weight_: sample_bins must be \(4,\)"):
+        torch.ops.ssod_ops.ghm_kl_weight_(dkl, sample_bins[:2], torch.tensor(1.0), counts, "softmax", 10)
+    with pytest.raises(RuntimeError, match="ghm_kl_weight_: counts must be"):
+        torch.ops.ssod_ops.ghm_kl_weight_(dkl, sample_bins, torch.tensor(1.0), counts[:3], "softmax", 10)
+    with pytest.raises(RuntimeError, match="ghm_kl_weight_: dkl must be contiguous"):
+        torch.ops.ssod_ops.ghm_kl_weight_(dkl.t(), sample_bins, torch.tensor(1.0), counts, "softmax", 10)
+
+
 # --------------------------------------------------------------------------------------------------------
 # jitter_boxes / refine_stats
 # --------------------------------------------------------------------------------------------------------
@@ -498,6 +674,18 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ssod_ops.frs_topk_mask, (s, 4))
 
 
+@needs_ext
+def test_opcheck_ghm_kl_forward_and_weight():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(16, 9, generator=gen), torch.randn(16, 9, generator=gen)
+    for mode in ("sigmoid", "softmax"):
+        torch.library.opcheck(torch.ops.ssod_ops.ghm_kl_forward, (s, t, mode, 10))  # not differentiable itself
+        _, counts, dkl, sample_bins = torch.ops.ssod_ops.ghm_kl_forward(s, t, mode, 10)
+        torch.library.opcheck(
+            torch.ops.ssod_ops.ghm_kl_weight_, (dkl, sample_bins, torch.tensor(1.0), counts, mode, 10)
+        )
+
+
 # --------------------------------------------------------------------------------------------------------
 # CUDA against CPU (skipped without a GPU and a CUDA build)
 # --------------------------------------------------------------------------------------------------------
@@ -516,6 +704,23 @@ def test_cuda_ghm_kl_matches_cpu(mode):
     torch.testing.assert_close(cpu.loss, gpu.loss.cpu(), rtol=1e-5, atol=1e-7)
     again = ops.ghm_kl_with_counts(s.cuda(), t.cuda(), mode=mode)
     assert torch.equal(again.loss, gpu.loss)  # deterministic
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_cuda_ghm_kl_gradient_matches_cpu(mode):
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3000, 80, generator=gen), torch.randn(3000, 80, generator=gen)
+    grads = []
+    for device in ("cpu", "cuda"):
+        x = s.to(device).requires_grad_()
+        loss = ops.ghm_kl(x, t.to(device), mode=mode)
+        loss.backward(retain_graph=True)
+        first = x.grad.clone()
+        loss.backward()  # the second backward recomputes the gradient
+        assert torch.equal(x.grad, first + first)
+        grads.append(first.cpu())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-9)
 
 
 @needs_cuda

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -114,6 +115,26 @@ SSOD_ALWAYS_INLINE void store(int32_t* p, Int<W> v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// A store that bypasses the caches (W = 8 or 16, p aligned to the vector), for large outputs written once
+// and read back much later: it saves reading every line before writing it. Elsewhere a plain store. After
+// a run of them, stream_fence() before the data is handed to another thread.
+template <int W>
+SSOD_ALWAYS_INLINE void stream(float* p, Float<W> v) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (W == 16 || W == 8) {
+    asm("vmovntps %1, %0" : "=m"(*reinterpret_cast<Float<W>*>(p)) : "v"(v));
+    return;
+  }
+#endif
+  store<W>(p, v);
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm volatile("sfence" ::: "memory");
+#endif
+}
+
 // 0, 1, ..., W - 1.
 template <int W>
 SSOD_ALWAYS_INLINE Int<W> lane_index() {
@@ -153,6 +174,36 @@ SSOD_ALWAYS_INLINE float max_lanes(Float<W> x) {
     constexpr auto half = std::make_integer_sequence<int, W / 2>{};
     const Float<W / 2> low = half_lanes<W, 0>(x, half), high = half_lanes<W, W / 2>(x, half);
     return max_lanes<W / 2>(high > low ? high : low);
+  }
+}
+
+// In-place transpose of the W x W matrix whose rows are v[0 .. W): afterwards v[j] holds column j. log2(W)
+// stages; stage k swaps, between vectors i and i + k (bit k of i clear), the lanes whose bit k differs.
+template <int W, int K, bool kSecond>
+struct TransposeStage {
+  static constexpr std::array<int32_t, W> make() {
+    std::array<int32_t, W> m{};
+    for (int j = 0; j < W; ++j) {
+      if (!kSecond) m[j] = (j & K) ? W + j - K : j;   // first of the pair: its own low lanes, the other's moved
+      else m[j] = (j & K) ? W + j : j + K;            // second: the first's high lanes moved, its own high lanes
+    }
+    return m;
+  }
+  alignas(64) static constexpr std::array<int32_t, W> lanes = make();
+};
+
+template <int W, int K = 1>
+SSOD_ALWAYS_INLINE void transpose(Float<W>* v) {
+  if constexpr (K < W) {
+    const Int<W> first = load<W>(TransposeStage<W, K, false>::lanes.data());
+    const Int<W> second = load<W>(TransposeStage<W, K, true>::lanes.data());
+    for (int i = 0; i < W; ++i) {
+      if (i & K) continue;
+      const Float<W> a = v[i], b = v[i + K];
+      v[i] = __builtin_shuffle(a, b, first);
+      v[i + K] = __builtin_shuffle(a, b, second);
+    }
+    transpose<W, K * 2>(v);
   }
 }
 
@@ -266,9 +317,24 @@ SSOD_ALWAYS_INLINE Pack<W, U> abs_value(const Pack<W, U>& x) {
   return r;
 }
 
+// split_exponent of ssod_math.h for packs: x = 2^k m, m in [1, 2), lane by lane (normal positive x).
+template <int W, int U>
+SSOD_ALWAYS_INLINE Pack<W, U> split_exponent(const Pack<W, U>& x, Pack<W, U>& k) {
+  Pack<W, U> m;
+  for (int u = 0; u < U; ++u) {
+    const Int<W> bits = reinterpret_cast<Int<W>>(x.v[u]);
+    k.v[u] = __builtin_convertvector(((bits >> 23) & 0xff) - 127, Float<W>);
+    m.v[u] = reinterpret_cast<Float<W>>((bits & 0x007fffff) | 0x3f800000);
+  }
+  return m;
+}
+
 }  // namespace simd
 
-// The bit-level step of ssod_math.h's float32 exp for packs: 2^n from integral n in [-126, 127], per lane.
+// The bit-level step of ssod_math.h's float32 exp for packs: 2^n from integral n in [-126, 127], per lane,
+// and x 2^n (exact for a normal result). With AVX-512 (W = 16) the latter is one instruction, vscalefps,
+// written as inline assembly: the intrinsic cannot be called from this template, which is compiled for
+// every instruction set and only instantiated with W = 16 inside the AVX-512 versions.
 template <int W, int U>
 struct Lanes<simd::Pack<W, U>> {
   using Elem = float;
@@ -278,6 +344,17 @@ struct Lanes<simd::Pack<W, U>> {
       r.v[u] = reinterpret_cast<simd::Float<W>>((simd::to_int<W>(n.v[u]) + 127) << 23);
     }
     return r;
+  }
+
+  static SSOD_ALWAYS_INLINE simd::Pack<W, U> times_pow2(const simd::Pack<W, U>& x, const simd::Pack<W, U>& n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (W == 16) {
+      simd::Pack<W, U> r;
+      for (int u = 0; u < U; ++u) asm("vscalefps %2, %1, %0" : "=v"(r.v[u]) : "v"(x.v[u]), "v"(n.v[u]));
+      return r;
+    }
+#endif
+    return x * pow2(n);
   }
 };
 
