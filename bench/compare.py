@@ -6,10 +6,11 @@
     python bench/compare.py --method supervised --detector fcos      # only the baselines: sup 10%, sup 100%
 
 Every row is one `train.py` run in its own folder under --out (a finished run is not run again, so the
-table can be printed again, or extended, for free). The supervised baselines of a detector and schedule live
-in one folder, out/supervised_<detector>_<iterations>it/, shared by every method that trains that detector;
-the method's runs go to out/<method>_<detector>_<P>pct_<iterations>it/ (give runs with other --extra flags
-their own --out). Runs go --jobs at a time, each with --threads torch threads.
+table can be printed again, or extended, for free; an interrupted one resumes from its last checkpoint).
+The supervised baselines of a detector and schedule live in one folder, out/supervised_<detector>_<iterations>it/,
+shared by every method that trains that detector; the method's runs go to
+out/<method>_<detector>_<P>pct_<iterations>it/ (give runs with other --extra flags their own --out). Runs go
+--jobs at a time, each with --threads torch threads.
 Each method run uses the preset's labeled batch and schedule; the supervised runs use the same labeled batch,
 so "same iterations" also means the same labeled images seen. The table reports the final COCO AP of every
 run (teacher and student for the method) and the share of the supervised gap the method closes:
@@ -51,9 +52,9 @@ def run_all(runs: dict[str, list[str]], *, dirs: dict[str, Path], jobs: int, thr
         while pending and len(active) < jobs:
             name = pending.pop(0)
             command = [sys.executable, str(ROOT / "train.py"), *runs[name], "--threads", str(threads),
-                       "--output-dir", str(dirs[name])]
+                       "--output-dir", str(dirs[name]), "--resume"]  # an interrupted run continues
             print(f"[{time.strftime('%H:%M:%S')}] start {name}: {shlex.join(command[1:])}", flush=True)
-            log = open(dirs[name].with_suffix(".log"), "w")
+            log = open(dirs[name].with_suffix(".log"), "a")
             active[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         time.sleep(5)
         for name, process in list(active.items()):

@@ -67,14 +67,21 @@ class RetinaNetHead(nn.Module):
         in_channels: FPN channels. num_anchors: A. num_classes: C. num_convs: convs per subnet (4).
         prior_probability: initial foreground probability of every logit (paper Sec. 4.1, pi = 0.01), so that
             the ~100k background anchors do not dominate the first iterations.
+        norm_groups: 0 (the paper and torchvision's v1: conv-ReLU) or the GroupNorm groups after each tower
+            conv (torchvision's v2 layout). Without a norm, the paper's N(0, 0.01) init shrinks activations by
+            about sqrt(9 * F) * 0.01 per conv: 0.48 at F = 256 channels, but 0.24 at F = 64, so a narrow
+            head trained from scratch starts with towers whose output is ~1e-3 of their input and learns slowly.
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, *, num_convs: int = 4,
-                 prior_probability: float = 0.01):
+                 prior_probability: float = 0.01, norm_groups: int = 0):
         super().__init__()
+        if norm_groups and in_channels % norm_groups:
+            raise ValueError(f"detectors/retinanet.py: {in_channels} head channels are not divisible into "
+                             f"{norm_groups} GroupNorm groups")
         self.num_classes = num_classes
-        self.cls_tower = conv_tower(in_channels, num_convs, norm_groups=0)
-        self.box_tower = conv_tower(in_channels, num_convs, norm_groups=0)
+        self.cls_tower = conv_tower(in_channels, num_convs, norm_groups)
+        self.box_tower = conv_tower(in_channels, num_convs, norm_groups)
         self.cls_logits = nn.Conv2d(in_channels, num_anchors * num_classes, kernel_size=3, padding=1)
         self.box_reg = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=3, padding=1)
         for module in self.modules():
@@ -106,12 +113,12 @@ class RetinaNet(nn.Module):
         backbone: a ResNetFPN with 5 output levels of strides `strides`.
         num_classes: C.
         anchor_sizes: base anchor size per level (COCO: 32..512; a preset of small objects scales them down).
-        head: a RetinaNetHead (None builds the stock one with `num_convs`).
+        head: a RetinaNetHead (None builds the stock one with `num_convs`, `norm_groups`).
     """
 
     def __init__(self, backbone: ResNetFPN, *, num_classes: int, anchor_sizes=COCO_ANCHOR_SIZES,
                  head: nn.Module | None = None, strides: tuple[int, ...] = STRIDES, num_convs: int = 4,
-                 pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+                 norm_groups: int = 0, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
         super().__init__()
         if tuple(backbone.strides) != tuple(strides):
             raise ValueError(f"detectors/retinanet.py: backbone strides {backbone.strides} != head strides {strides}")
@@ -124,7 +131,7 @@ class RetinaNet(nn.Module):
                                                 aspect_ratios=(ASPECT_RATIOS,) * len(strides), strides=strides)
         A = self.anchor_generator.num_anchors_per_location
         self.head = head if head is not None else RetinaNetHead(backbone.out_channels, A, num_classes,
-                                                                num_convs=num_convs)
+                                                                num_convs=num_convs, norm_groups=norm_groups)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
 
@@ -286,7 +293,7 @@ class RetinaNetParts(NamedTuple):
 
 def build_retinanet(*, num_classes: int, backbone: str = "resnet50", fpn_channels: int = 256,
                     backbone_weights: str | None = None, frozen_stages: int = 1, anchor_sizes=None,
-                    num_convs: int = 4, p6p7_from: str = "p5", fg_iou_thresh: float = 0.5,
+                    num_convs: int = 4, norm_groups: int = 0, p6p7_from: str = "p5", fg_iou_thresh: float = 0.5,
                     bg_iou_thresh: float = 0.4, box_loss: str = "l1", score_thresh: float = 0.05,
                     topk_candidates: int = 1000, nms_thresh: float = 0.5,
                     detections_per_image: int = 300) -> RetinaNetParts:
@@ -294,7 +301,7 @@ def build_retinanet(*, num_classes: int, backbone: str = "resnet50", fpn_channel
     (None: COCO's 32..512). See RetinaNetHead, RetinaNetCriterion and RetinaNetPostprocessor."""
     body = build_resnet_fpn(backbone, out_channels=fpn_channels, weights=backbone_weights,
                             frozen_stages=frozen_stages, levels=(3, 4, 5), extra_blocks="p6p7", p6p7_from=p6p7_from)
-    model = RetinaNet(body, num_classes=num_classes, num_convs=num_convs,
+    model = RetinaNet(body, num_classes=num_classes, num_convs=num_convs, norm_groups=norm_groups,
                       anchor_sizes=tuple(anchor_sizes) if anchor_sizes else COCO_ANCHOR_SIZES)
     criterion = RetinaNetCriterion(num_classes=num_classes, fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh,
                                    box_loss=box_loss)

@@ -74,6 +74,7 @@ class Config:
     trainable_layers: int = 3  # with pretrained weights: ResNet parts that train (of 5; 3 freezes stem + layer1)
     fpn_channels: int = 256
     head_convs: int = 4  # FCOS / RetinaNet: conv layers per head tower
+    head_norm_groups: int = -1  # FCOS / RetinaNet: GroupNorm groups in the towers; -1: the detector's (32 / none)
     anchor_sizes: list[int] = field(default_factory=list)  # base anchor size per FPN level; [] = COCO default
     fcos_range_multiplier: float = 1.0  # FCOS: scales every size-of-interest bound (COCO: 64, 128, 256, 512)
     fcos_box_activation: str = "relu"  # FCOS: "relu" (torchvision) or "exp" (the FCOS paper; cannot die)
@@ -336,11 +337,12 @@ def detector_kwargs(cfg: Config) -> dict:
     """The keyword arguments of `detectors.build_detector(cfg.detector, num_classes=..., **kwargs)`."""
     kwargs = dict(backbone=cfg.backbone, fpn_channels=cfg.fpn_channels, backbone_weights=cfg.backbone_weights or None,
                   trainable_layers=cfg.trainable_layers)
+    norm = {} if cfg.head_norm_groups < 0 else dict(norm_groups=cfg.head_norm_groups)  # dense heads only
     if cfg.detector == "fcos":
-        return kwargs | dict(num_convs=cfg.head_convs, range_multiplier=cfg.fcos_range_multiplier,
-                             box_activation=cfg.fcos_box_activation)
+        return kwargs | norm | dict(num_convs=cfg.head_convs, range_multiplier=cfg.fcos_range_multiplier,
+                                    box_activation=cfg.fcos_box_activation)
     if cfg.detector == "retinanet":
-        return kwargs | dict(num_convs=cfg.head_convs, anchor_sizes=cfg.anchor_sizes or None)
+        return kwargs | norm | dict(num_convs=cfg.head_convs, anchor_sizes=cfg.anchor_sizes or None)
     if cfg.detector == "faster_rcnn":
         return kwargs | dict(anchor_sizes=cfg.anchor_sizes or None, representation_size=cfg.box_head_dim,
                              rpn_pre_nms_train=cfg.rpn_pre_nms_train, rpn_pre_nms_test=cfg.rpn_pre_nms_test,

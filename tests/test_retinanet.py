@@ -83,6 +83,23 @@ def test_p6p7_source():
     assert from_p5.p6.in_channels == 64 and from_c5.p6.in_channels == 512  # ResNet-18's C5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_groupnorm_head_keeps_the_towers_alive(dtype):
+    """With 64 channels and the paper's N(0, 0.01) init, a conv-ReLU tower all but erases its input (each conv
+    scales it by about sqrt(9 * 64) * 0.01); GroupNorm after each conv keeps the output at unit scale."""
+    from detectors.retinanet import RetinaNetHead
+
+    features = torch.randn(2, 64, 8, 8, dtype=dtype)
+    scale = {}
+    for groups in (0, 16):
+        torch.manual_seed(0)
+        head = RetinaNetHead(64, A, NUM_CLASSES, num_convs=4, norm_groups=groups).to(dtype)
+        assert any(isinstance(m, torch.nn.GroupNorm) for m in head.modules()) == (groups > 0)
+        scale[groups] = head.cls_tower(features).std().item()
+    assert scale[0] < 0.01 < 0.3 < scale[16]
+    with pytest.raises(ValueError, match="GroupNorm"):
+        RetinaNetHead(64, A, NUM_CLASSES, norm_groups=24)
+
 # --------------------------------------------------------------------------------------------------------
 # Anchor assignment
 # --------------------------------------------------------------------------------------------------------
