@@ -17,7 +17,6 @@ import torch
 
 import detectors
 import train
-from data.synthetic import BuiltinSpec, ensure_builtin
 from detectors.box_ops import LinearBoxCoder
 from detectors.dense import DenseOutput
 from detectors.losses import l1_loss, quality_focal_loss, sigmoid_focal_loss, smooth_l1_loss
@@ -33,18 +32,6 @@ SPEC = dict(num_train=16, num_val=4, image_size=96, min_size=8, max_size=48, max
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def builtin_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("builtin96")
-    ensure_builtin(root, spec=BuiltinSpec(**SPEC), num_workers=0, verbose=False)
-    return root
 
 
 def tiny_config(builtin_dir, output_dir, method, **overrides):

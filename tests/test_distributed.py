@@ -40,7 +40,6 @@ import torch.multiprocessing as mp
 import torchvision
 
 import train
-from data.synthetic import BuiltinSpec, ensure_builtin
 from engine import distributed
 from engine.checkpoint import checkpoint_name, load_checkpoint, point_last
 from engine.config import resolve_config
@@ -50,19 +49,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = dict(num_train=40, num_val=8, image_size=64, min_size=8, max_size=40, max_objects=3, clutter=1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def keep_thread_count():
-    """train.train sets torch's thread count; later test files get theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def builtin_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("builtin")
-    ensure_builtin(root, spec=BuiltinSpec(**SPEC), num_workers=0, verbose=False)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import train
-from data.synthetic import BuiltinSpec, ensure_builtin
 from engine.checkpoint import last_checkpoint, load_checkpoint
 from engine.config import resolve_config
 from engine.logger import read_metrics
@@ -20,18 +19,6 @@ TINY_FASTER_RCNN = dict(box_head_dim=32, rpn_pre_nms_train=100, rpn_pre_nms_test
                         rpn_post_nms_test=50, roi_batch_size=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def builtin_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("builtin")
-    ensure_builtin(root, spec=BuiltinSpec(**SPEC), num_workers=0, verbose=False)
-    return root
 
 
 def tiny_semi_config(builtin_dir, output_dir, method, **overrides):

@@ -14,7 +14,7 @@ import torch
 
 import evaluate
 import train
-from data.synthetic import CLASS_NAMES, BuiltinSpec, ensure_builtin
+from data.synthetic import CLASS_NAMES
 from engine.checkpoint import atomic_save, last_checkpoint, load_checkpoint, point_last
 from engine.config import Config, resolve_config
 from engine.logger import read_metrics
@@ -22,19 +22,6 @@ from engine.logger import read_metrics
 SPEC = dict(num_train=16, num_val=4, image_size=64, min_size=8, max_size=40, max_objects=3, clutter=1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def keep_thread_count():
-    """train.train sets torch's thread count; later test files get theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def builtin_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("builtin")
-    ensure_builtin(root, spec=BuiltinSpec(**SPEC), num_workers=0, verbose=False)
-    return root
 
 
 def tiny_config(builtin_dir, output_dir, **overrides) -> Config:
