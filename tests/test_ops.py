@@ -153,15 +153,11 @@ def test_ghm_kl_bins_forward_and_backward(bins):
     torch.testing.assert_close(s_kernel.grad, s_ref.grad, rtol=1e-5, atol=1e-9)
 
 
-@needs_ext
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("classes", [2, 8, 15, 16, 17, 32, 80, 81, 1500])
-def test_ghm_kl_softmax_row_widths(dtype, classes):
-    # The CPU kernel reads a row as vectors of up to 16 classes, the last one overlapping the one before (or
-    # padded, for rows shorter than a vector); rows wider than 1024 classes go one class at a time.
+def check_softmax_rows(rows: int, classes: int, dtype: torch.dtype) -> None:
+    """Softmax ghm_kl on (rows, classes) logits against the reference: counts, loss and gradient."""
     gen = torch.Generator().manual_seed(classes)
-    s = torch.randn(67, classes, generator=gen, dtype=dtype) * 3
-    t = torch.randn(67, classes, generator=gen, dtype=dtype) * 3
+    s = torch.randn(rows, classes, generator=gen, dtype=dtype) * 3
+    t = torch.randn(rows, classes, generator=gen, dtype=dtype) * 3
     s_kernel, s_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
     out = ops.ghm_kl_with_counts(s_kernel, t, mode="softmax", bins=10)
     ref = ops.ghm_kl_reference(s_ref, t, mode="softmax", bins=10)
@@ -170,6 +166,15 @@ def test_ghm_kl_softmax_row_widths(dtype, classes):
     out.loss.backward()
     ref.loss.backward()
     torch.testing.assert_close(s_kernel.grad, s_ref.grad, **tolerances(dtype))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes", [2, 8, 15, 16, 17, 32, 80, 81, 1500])
+def test_ghm_kl_softmax_row_widths(dtype, classes):
+    # The CPU kernel reads a row as vectors of up to 16 classes, the last one overlapping the one before (or
+    # padded, for rows shorter than a vector); rows wider than 1024 classes go one class at a time.
+    check_softmax_rows(67, classes, dtype)
 
 
 @needs_ext
@@ -361,17 +366,7 @@ def test_ghm_kl_without_grad_gives_the_same_loss(mode):
 def test_ghm_kl_softmax_row_widths_around_the_cpu_paths(dtype, classes):
     # Softmax rows up to 128 classes go 16 rows at a time on the CPU, wider ones two at a time, and beyond
     # 1024 classes one class at a time; 37 rows leave a partial group.
-    gen = torch.Generator().manual_seed(classes)
-    s = torch.randn(37, classes, generator=gen, dtype=dtype) * 3
-    t = torch.randn(37, classes, generator=gen, dtype=dtype) * 3
-    s_kernel, s_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
-    out = ops.ghm_kl_with_counts(s_kernel, t, mode="softmax", bins=10)
-    ref = ops.ghm_kl_reference(s_ref, t, mode="softmax", bins=10)
-    assert torch.equal(out.counts, ref.counts)
-    torch.testing.assert_close(out.loss, ref.loss, **tolerances(dtype))
-    out.loss.backward()
-    ref.loss.backward()
-    torch.testing.assert_close(s_kernel.grad, s_ref.grad, **tolerances(dtype))
+    check_softmax_rows(37, classes, dtype)
 
 
 @needs_ext
