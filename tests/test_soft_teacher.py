@@ -430,7 +430,7 @@ def test_short_soft_teacher_run_through_train_py(tmp_path):
         roi_batch_size=32, labeled_batch=1, unlabeled_batch=2, max_iter=3, warmup_iters=1, eval_period=1000,
         checkpoint_period=3, log_period=1, threads=1, seed=0,
         method_args=dict(initial_score_thr=0.0, rpn_score_thr=0.0, cls_score_thr=0.0, teacher_detections=10,
-                         burn_in=0, ramp=0)))
+                         burn_in=0, ramp=0, unsup_weight=4.0)))
     results = train.train(cfg)
     torch.set_num_threads(1)
 
