@@ -46,7 +46,7 @@ import detectors
 from data.loader import UnlabeledBatch
 from detectors import Detector
 from detectors.precision import in_float32
-from semi.core import UnsupOutput, zero_loss
+from semi.core import UnsupOutput, linear_ramp, zero_loss
 from semi.ema import sed_momentum
 from semi.ops import ghm_kl
 
@@ -67,6 +67,10 @@ class SEDConfig:
     num_labeled: int = 1  # n_s, labeled images per iteration
     lambda_scale: float = 1.0
     lambda_distill: float = 1.0
+    # Not in the paper, whose student starts from ImageNet weights: supervised only before `burn_in`, then the
+    # unsupervised weights ramp linearly to Eq. 1's over `ramp` iterations. 0 and 0: the paper (no burn-in).
+    burn_in: int = 0
+    ramp: int = 0
 
     # Sec. 3.1, scale consistency. s is drawn uniformly from {1, ..., S}; S = 1 is best (Table 8).
     scale_consistency: bool = True
@@ -115,6 +119,8 @@ class SEDConfig:
             raise ValueError(f"semi/sed.py: SEDConfig.ema_policy must be 'step' or 'cosine', got {self.ema_policy!r}")
         if self.bins < 1:
             raise ValueError(f"semi/sed.py: SEDConfig.bins must be >= 1, got {self.bins}")
+        if self.burn_in < 0 or self.ramp < 0:
+            raise ValueError(f"semi/sed.py: SEDConfig.burn_in and ramp must be >= 0, got {self.burn_in}, {self.ramp}")
         if self.num_labeled < 1 or self.num_unlabeled < 1:
             raise ValueError("semi/sed.py: SEDConfig.num_labeled and num_unlabeled must be >= 1")
         if not self.scale_consistency and self.distill == "off":
@@ -520,8 +526,9 @@ def two_stage_losses(*, student: Detector, teacher: Detector, views: SEDViews, c
 class SED:
     """Scale-Equivalent Distillation: the unsupervised loss, its weights (Eq. 1) and the teacher's EMA rate.
 
-    The teacher is an EMA of the student from the first iteration (no burn-in, Eq. 4); the labeled images
-    take their usual supervised loss on the weak view; the strong view is pixel-aligned with the weak one.
+    The teacher is an EMA of the student from the first iteration (Eq. 4), also during the optional burn-in (the
+    paper has none); the labeled images take their usual supervised loss on the weak view; the strong view is
+    pixel-aligned with the weak one.
     """
 
     labeled_views = ("weak",)
@@ -575,9 +582,10 @@ class SED:
         return [f"loss_{name}_{part}" for name in names for part in parts]
 
     def loss_weights(self, iteration: int) -> dict[str, float]:
-        """Eq. 1: every scale term weighs (n_u / n_s) * lambda_s, every distillation term (n_u / n_s) * lambda_d."""
+        """Eq. 1: every scale term weighs (n_u / n_s) * lambda_s, every distillation term (n_u / n_s) * lambda_d,
+        times the burn-in / ramp factor in [0, 1] (1 throughout with the paper's burn_in = ramp = 0)."""
         cfg = self.cfg
-        ratio = cfg.num_unlabeled / cfg.num_labeled
+        ratio = cfg.num_unlabeled / cfg.num_labeled * linear_ramp(iteration, start=cfg.burn_in, length=cfg.ramp)
         return {f"unsup_{key}": ratio * (cfg.lambda_scale if key.startswith("loss_scale") else cfg.lambda_distill)
                 for key in self.loss_keys()}
 

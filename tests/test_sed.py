@@ -326,6 +326,12 @@ def test_loss_weights_follow_eq1():
     weights = sed.loss_weights(0)
     assert weights["unsup_loss_scale_rpn_cls"] == 1.0 and weights["unsup_loss_scale_roi_box"] == 1.0
     assert weights["unsup_loss_distill_roi_cls"] == 6.0 and len(weights) == 8
+    # The optional burn-in: 0 before it, then a linear ramp to Eq. 1's weights.
+    ramped = SED(SEDConfig(num_unlabeled=4, num_labeled=2, burn_in=10, ramp=4), detector_name="retinanet")
+    assert [ramped.loss_weights(t)["unsup_loss_distill_cls"] for t in (0, 9, 10, 11, 14, 100)] == [
+        0.0, 0.0, 0.0, 0.5, 2.0, 2.0]
+    with pytest.raises(ValueError, match="burn_in"):
+        SEDConfig(burn_in=-1)
     fcos = SED(SEDConfig(distill="off"), detector_name="fcos")
     assert fcos.loss_keys() == ["loss_scale_cls", "loss_scale_box", "loss_scale_quality"]
 
@@ -542,7 +548,7 @@ def test_build_sed_from_the_run_config():
     from engine.config import resolve_config
     from semi import build_method
 
-    cfg = resolve_config({"method": "sed"})  # the built-in preset: Faster R-CNN, 8 + 8 images, 1500 iterations
+    cfg = resolve_config({"method": "sed"})  # the built-in preset: Faster R-CNN, 8 + 4 images
     sed = build_method("sed", cfg=cfg, detector_name=cfg.detector)
     assert isinstance(sed, SED) and sed.detector_name == "faster_rcnn"
     assert (sed.cfg.num_labeled, sed.cfg.num_unlabeled) == (cfg.labeled_batch, cfg.unlabeled_batch)
