@@ -2,7 +2,7 @@
 
     python bench/compare.py --method soft_teacher                          # sup 10%, sup 100%, Soft Teacher 10%
     python bench/compare.py --method soft_teacher --ablation no_bgt:soft_background=false
-    python bench/compare.py --method dense_teacher --detector retinanet --max-iter 2000 --jobs 2
+    python bench/compare.py --method dense_teacher --detector retinanet --max-iter 1000 --jobs 2
     python bench/compare.py --method supervised --detector fcos      # only the baselines: sup 10%, sup 100%
 
 Every row is one `train.py` run in its own folder under --out (a finished run is not run again, so the
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="supervised: the two baselines only")
     parser.add_argument("--detector", default="", help="default: the method's paper detector")
     parser.add_argument("--percent", type=float, default=10.0)
-    parser.add_argument("--max-iter", type=int, default=0, help="0: the method's preset")
+    parser.add_argument("--max-iter", type=int, default=0,
+                        help="0: the built-in dataset's benchmark schedule, engine.config.BENCHMARK_ITERATIONS")
     parser.add_argument("--ablation", action="append", default=[], metavar="NAME:K=V[,K=V]",
                         help="an extra method run with these --method-args, e.g. no_bgt:soft_background=false")
     parser.add_argument("--skip-baselines", action="store_true",
@@ -108,14 +109,15 @@ def main(argv: list[str] | None = None) -> None:
     # The method's preset fixes the detector (its paper's, unless given), the schedule and the labeled batch;
     # the baselines copy all three.
     sys.path.insert(0, str(ROOT))
-    from engine.config import resolve_config
-    preset = resolve_config({"method": args.method, "detector": args.detector})
+    from engine.config import BENCHMARK_ITERATIONS, resolve_config
+    extra = shlex.split(args.extra)
+    max_iter = args.max_iter or BENCHMARK_ITERATIONS
+    preset = resolve_config({"method": args.method, "detector": args.detector, "max_iter": max_iter})
     detector = preset.detector
-    max_iter = args.max_iter or preset.max_iter
     base_dir = Path(args.out) / f"supervised_{detector}_{max_iter}it"
     method_dir = Path(args.out) / f"{args.method}_{detector}_{args.percent:g}pct_{max_iter}it"
     shared = ["--detector", detector, "--max-iter", str(max_iter), "--labeled-batch", str(preset.labeled_batch),
-              "--draw-period", "0", *shlex.split(args.extra)]
+              "--draw-period", "0", *extra]
     runs: dict[str, list[str]] = {}
     # The supervised runs take the method's schedule, so that "same iterations" holds.
     schedule = ["--lr", str(preset.lr), "--warmup-iters", str(preset.warmup_iters), "--schedule", preset.schedule,
