@@ -176,7 +176,7 @@ def sed_runs(builtin_dir, backbone_weights, tmp_path_factory):
     """SED (soft self-distillation and scale consistency, no re-weighting), one process and two."""
     root = tmp_path_factory.mktemp("sed")
     values = settings(builtin_dir, root / "one", backbone_weights=str(backbone_weights), method="sed",
-                      unlabeled_batch=4, method_args={"reweight": False, "pad_stride": 32})
+                      unlabeled_batch=4, method_args={"reweight": False, "pad_stride": 32, "burn_in": 0, "ramp": 0})
     train.train(resolve_config(values))
     launch(values | {"output_dir": str(root / "two")})
     return root, values

@@ -31,6 +31,8 @@ def tiny_semi_config(builtin_dir, output_dir, method, **overrides):
         settings |= TINY_FASTER_RCNN | {"method_args": {"jitter_times": 2, "burn_in": 0, "ramp": 0}}  # unsup from step 0
     if method == "dense_teacher":  # burn-in for iteration 0, teacher copied at 1, full weight from 2
         settings |= {"method_args": {"burn_in": 1, "ramp": 1, "teacher_init": 1}}
+    if method == "sed":  # the paper's schedule: the unsupervised loss from the first iteration
+        settings |= {"method_args": {"burn_in": 0, "ramp": 0}}
     return resolve_config(settings | overrides)
 
 
