@@ -9,8 +9,9 @@ Every row is one `train.py` run in its own folder under --out (a finished run is
 table can be printed again, or extended, for free; an interrupted one resumes from its last checkpoint).
 The supervised baselines of a detector and schedule live in one folder, out/supervised_<detector>_<iterations>it/,
 shared by every method that trains that detector; the method's runs go to
-out/<method>_<detector>_<P>pct_<iterations>it/ (give runs with other --extra flags their own --out). Runs go
---jobs at a time, each with --threads torch threads.
+out/<method>_<detector>_<P>pct_<iterations>it/ (give runs with other --extra flags their own --out). Each
+folder's runs.json lists the command lines of every run made there, so a later call with other ablations adds
+to the table instead of replacing it. Runs go --jobs at a time, each with --threads torch threads.
 Each method run uses the preset's labeled batch and schedule; the supervised runs use the same labeled batch,
 so "same iterations" also means the same labeled images seen. The table reports the final COCO AP of every
 run (teacher and student for the method) and the share of the supervised gap the method closes:
@@ -131,14 +132,25 @@ def main(argv: list[str] | None = None) -> None:
         runs[f"{args.method}_{name}"] = ["--method", args.method, "--percent", str(args.percent), *shared,
                                          "--method-args", *settings.split(",")]
     dirs = {name: (base_dir if name.startswith("sup") else method_dir) / name for name in runs}
-    for folder in {d.parent for d in dirs.values()}:
+    # runs.json records every run of its folder: the runs of earlier calls (other ablations) stay in it and in
+    # the table, and this call's command lines replace theirs where the names are the same.
+    recorded: dict[str, list[str]] = {}
+    for folder in (base_dir, method_dir) if args.method != "supervised" else (base_dir,):
         folder.mkdir(parents=True, exist_ok=True)
-        mine = {name: argv for name, argv in runs.items() if dirs[name].parent == folder}
-        (folder / "runs.json").write_text(json.dumps(mine, indent=1))
+        index = folder / "runs.json"
+        try:
+            earlier = json.loads(index.read_text()) if index.exists() else {}
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"bench/compare.py: {index} is not valid JSON ({error}); fix or delete it (it only "
+                             f"lists the folder's runs)") from None
+        mine = earlier | {name: argv for name, argv in runs.items() if dirs[name].parent == folder}
+        index.write_text(json.dumps(mine, indent=1))
+        recorded |= {name: argv for name, argv in earlier.items() if name not in runs}
+        dirs |= {name: folder / name for name in earlier if name not in runs}
     to_run = {name: argv for name, argv in runs.items() if not (args.skip_baselines and name.startswith("sup"))}
     run_all(to_run, dirs=dirs, jobs=args.jobs, threads=threads)
     print(f"\n{args.method} on {detector}, {args.percent:g}% labels, {max_iter} iterations\n")
-    print(table(runs, dirs=dirs, percent=args.percent))
+    print(table(runs | recorded, dirs=dirs, percent=args.percent))
 
 
 if __name__ == "__main__":
