@@ -164,3 +164,41 @@ def test_the_test_size_alone_gives_the_single_scale_result(checkpoint, tmp_path)
     assert len(detections) > 6  # the raised class bias: enough detections for the comparison to mean something
     assert json.loads((tmp_path / "multi.json").read_text()) == detections
     assert multi == pytest.approx(single, nan_ok=True)
+
+
+def load_bench_multiscale():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "multiscale.py"
+    spec = importlib.util.spec_from_file_location("bench_multiscale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_multiscale_rows_are_evaluate_results(checkpoint, capsys):
+    bench = load_bench_multiscale()
+    threads = torch.get_num_threads()
+    try:
+        table = bench.main([f"busy={checkpoint}:student", "--sizes", "48", "64", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out.splitlines()[-1]  # the table's row
+    single = run_evaluate(checkpoint)["AP"]  # test size 64
+    small = run_evaluate(checkpoint, "--test-sizes", "48")["AP"]
+    merged = run_evaluate(checkpoint, "--test-sizes", "48", "64")["AP"]
+    row = table["busy"]
+    assert row["64"] == pytest.approx(single) and row["48"] == pytest.approx(small)
+    assert row["merged"] == pytest.approx(merged) and row["gain"] == pytest.approx(merged - single)
+    assert printed.split() == ["busy", *(f"{100 * v:.2f}" for v in (small, single, merged, merged - single))]
+
+
+def test_bench_multiscale_names_bad_entries(checkpoint, tmp_path):
+    bench = load_bench_multiscale()
+    with pytest.raises(SystemExit, match="NAME=CHECKPOINT"):
+        bench.main([str(checkpoint)])
+    with pytest.raises(SystemExit, match="missing.pth .*does not exist"):
+        bench.main([f"x={tmp_path / 'missing.pth'}"])
+    with pytest.raises(SystemExit, match="two or more distinct sizes"):
+        bench.main([f"x={checkpoint}", "--sizes", "64"])
