@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     # runs.json records every run of its folder: the runs of earlier calls (other ablations) stay in it and in
     # the table, and this call's command lines replace theirs where the names are the same.
     recorded: dict[str, list[str]] = {}
-    for folder in (base_dir, method_dir) if args.method != "supervised" else (base_dir,):
+    for folder in sorted({d.parent for d in dirs.values()}):
         folder.mkdir(parents=True, exist_ok=True)
         index = folder / "runs.json"
         try:

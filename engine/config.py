@@ -296,7 +296,7 @@ def builtin_preset(method: str, detector: str, max_iter: int = BUILTIN_ITERATION
         # above), so SED takes Soft Teacher's burn-in and ramp here; `--method-args burn_in=0 ramp=0` gives the
         # paper's schedule (not measured here). Measured at this preset (10%, 2000 iterations, student AP against
         # supervised): RetinaNet 16.4 against 16.9, FCOS 27.6 against 31.1; Faster R-CNN fell from 27.8 at the
-        # end of burn-in to 7.5 (its RPN's deltas drift on background anchors; README, "Status"). On RetinaNet
+        # end of burn-in to 7.5 (its RPN terms collapse the objectness, then the deltas; README, "Status"). On RetinaNet
         # the scale term alone or the distillation alone gains (17.5, 17.4): the preset is not tuned yet.
         # 300 RoIs per view (the preset's proposals), not COCO's 1000; padding to a multiple of 2 * 32 px
         # (METHODS.md allows the coarsest stride, 128, which would double a 128 px batch).

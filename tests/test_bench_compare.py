@@ -1,19 +1,11 @@
 """bench/compare.py: the table and runs.json keep the runs of earlier calls; nothing finished is run again."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_compare():
-    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench import compare
 
 
 def finished_run(folder: Path, *, max_iter: int, student_ap: float, teacher_ap: float | None = None) -> None:
@@ -28,7 +20,6 @@ def finished_run(folder: Path, *, max_iter: int, student_ap: float, teacher_ap: 
 
 
 def test_a_second_call_keeps_the_first_calls_ablations(tmp_path, capsys, monkeypatch):
-    compare = load_compare()
     launched = []
     monkeypatch.setattr(compare.subprocess, "Popen", lambda *a, **k: launched.append(a) or pytest.fail("ran"))
     max_iter = 40
@@ -57,7 +48,6 @@ def test_a_second_call_keeps_the_first_calls_ablations(tmp_path, capsys, monkeyp
 
 
 def test_a_broken_runs_json_is_named(tmp_path):
-    compare = load_compare()
     folder = tmp_path / "supervised_fcos_40it"
     folder.mkdir()
     (folder / "runs.json").write_text("{not json")

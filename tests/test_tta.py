@@ -14,6 +14,7 @@ import torch
 
 import evaluate
 import train
+from bench import multiscale
 from data.synthetic import BuiltinSpec, ensure_builtin
 from data.transforms import hflip_matrix, scale_matrix, warp_boxes
 from engine.checkpoint import atomic_save, load_checkpoint
@@ -166,22 +167,10 @@ def test_the_test_size_alone_gives_the_single_scale_result(checkpoint, tmp_path)
     assert multi == pytest.approx(single, nan_ok=True)
 
 
-def load_bench_multiscale():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "multiscale.py"
-    spec = importlib.util.spec_from_file_location("bench_multiscale", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_multiscale_rows_are_evaluate_results(checkpoint, capsys):
-    bench = load_bench_multiscale()
     threads = torch.get_num_threads()
     try:
-        table = bench.main([f"busy={checkpoint}:student", "--sizes", "48", "64", "--threads", "1"])
+        table = multiscale.main([f"busy={checkpoint}:student", "--sizes", "48", "64", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out.splitlines()[-1]  # the table's row
@@ -195,10 +184,9 @@ def test_bench_multiscale_rows_are_evaluate_results(checkpoint, capsys):
 
 
 def test_bench_multiscale_names_bad_entries(checkpoint, tmp_path):
-    bench = load_bench_multiscale()
     with pytest.raises(SystemExit, match="NAME=CHECKPOINT"):
-        bench.main([str(checkpoint)])
+        multiscale.main([str(checkpoint)])
     with pytest.raises(SystemExit, match="missing.pth .*does not exist"):
-        bench.main([f"x={tmp_path / 'missing.pth'}"])
+        multiscale.main([f"x={tmp_path / 'missing.pth'}"])
     with pytest.raises(SystemExit, match="two or more distinct sizes"):
-        bench.main([f"x={checkpoint}", "--sizes", "64"])
+        multiscale.main([f"x={checkpoint}", "--sizes", "64"])
