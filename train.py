@@ -50,7 +50,7 @@ from engine.checkpoint import (capture_rng_state, check_compatible, checkpoint_n
 from engine.config import Config, dataset_files, detector_kwargs, parse_config
 from engine.evaluation import evaluate, load_coco
 from engine.logger import MetricsLog, format_losses, progress_bar
-from semi.core import draw_pseudo_labels, prefix, pseudo_label_quality, weighted_total
+from semi.core import draw_pseudo_labels, frozen_norm_statistics, prefix, pseudo_label_quality, weighted_total
 from semi.ema import EMATeacher
 
 
@@ -72,20 +72,6 @@ def lr_factor(iteration: int, *, cfg: Config) -> float:
     return factor
 
 
-def both_views(pair: UnlabeledBatch) -> Batch:
-    """A labeled batch of 2B images: the weak views, then the strong ones (Dense Teacher's supervised loss).
-
-    Both views share their geometry (aligned), so they have the same size, boxes and matrices.
-    """
-    weak, strong = pair.weak, pair.strong
-    return Batch(images=torch.cat([weak.images, strong.images]),  # (2B, 3, H, W)
-                 image_sizes=torch.cat([weak.image_sizes, strong.image_sizes]),  # (2B, 2)
-                 targets=weak.targets + strong.targets,
-                 matrices=torch.cat([weak.matrices, strong.matrices]),  # (2B, 3, 3)
-                 image_ids=weak.image_ids + strong.image_ids,
-                 orig_sizes=weak.orig_sizes + strong.orig_sizes)
-
-
 def check_finite(total: torch.Tensor, losses: dict[str, torch.Tensor], iteration: int) -> None:
     """Stop the run on a non-finite loss, naming the iteration and every term, so that the culprit shows."""
     if not torch.isfinite(total):
@@ -104,12 +90,25 @@ class IterationLosses(NamedTuple):
 
 
 def iteration_losses(*, student, teacher, method, labeled: Batch, unlabeled: UnlabeledBatch | None,
-                     iteration: int) -> IterationLosses:
+                     iteration: int, labeled_strong: Batch | None = None,
+                     norm_stats: str = "labeled") -> IterationLosses:
     """Every forward pass of the student in one iteration: the supervised loss on the labeled batch and the
     method's unsupervised loss on the unlabeled one, weighted once. Under DDP this whole function runs inside
-    one forward of the wrapped student (`distributed.loss_runner`)."""
+    one forward of the wrapped student (`distributed.loss_runner`).
+
+    labeled_strong: the strong view of the labeled batch, pixel-aligned with `labeled` (Dense Teacher's
+    supervised loss takes both views); each term is then the mean of the two views' terms, which is the term
+    of the two batches together, as both views have the same boxes. norm_stats "labeled": the BatchNorm running
+    statistics follow the labeled (weak) batch only (`semi.core.frozen_norm_statistics`); "all": every pass.
+    """
+    keep_stats = functools.partial(frozen_norm_statistics, student.model, enabled=norm_stats == "labeled")
     # Supervised loss on the labeled batch (its terms keep their names, prefixed "sup_").
     sup = detectors.supervised_losses(student, labeled.images, labeled.image_sizes, labeled.targets)
+    if labeled_strong is not None:
+        with keep_stats():
+            strong = detectors.supervised_losses(student, labeled_strong.images, labeled_strong.image_sizes,
+                                                 labeled_strong.targets)
+        sup = {key: (value + strong[key]) / 2 for key, value in sup.items()}
     losses = prefix(sup, "sup_")
     weights = {key: 1.0 for key in losses}
     stats, pseudo_boxes = {}, None
@@ -118,8 +117,9 @@ def iteration_losses(*, student, teacher, method, labeled: Batch, unlabeled: Unl
     if method is not None:
         unsup_weights = method.loss_weights(iteration)
         if any(w > 0 for w in unsup_weights.values()):
-            unsup = method.unsupervised_loss(student=student, teacher=teacher, unlabeled=unlabeled,
-                                             iteration=iteration)
+            with keep_stats():
+                unsup = method.unsupervised_loss(student=student, teacher=teacher, unlabeled=unlabeled,
+                                                 iteration=iteration)
             losses |= prefix(unsup.losses, "unsup_")
             weights |= unsup_weights
             stats |= unsup.stats
@@ -277,8 +277,9 @@ def train(cfg: Config) -> dict:
     results = {}
     for iteration in range(start_iter, cfg.max_iter):
         labeled_batch = next(loaders.labeled).to(device, non_blocking=True)  # pinned (CUDA): the host does not wait
-        if two_view_labeled:
-            labeled_batch = both_views(labeled_batch)
+        labeled_strong = None
+        if two_view_labeled:  # Dense Teacher: the weak and the strong view of the labeled images
+            labeled_batch, labeled_strong = labeled_batch.weak, labeled_batch.strong
         unlabeled_batch = next(loaders.unlabeled).to(device, non_blocking=True) if method is not None else None
         data_time = time.perf_counter() - timer
 
@@ -289,7 +290,8 @@ def train(cfg: Config) -> dict:
         with autocast:
             total, losses, weights, stats, pseudo_boxes = run_losses(functools.partial(
                 iteration_losses, student=student, teacher=teacher, method=method, labeled=labeled_batch,
-                unlabeled=unlabeled_batch, iteration=iteration))
+                labeled_strong=labeled_strong, unlabeled=unlabeled_batch, iteration=iteration,
+                norm_stats=cfg.norm_stats))
         if pseudo_boxes is not None:  # diagnostics against the hidden ground truth
             stats |= pseudo_label_quality(pseudo_boxes, unlabeled_batch.weak.targets)
             if main and cfg.draw_period > 0 and (iteration + 1) % cfg.draw_period == 0:

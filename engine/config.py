@@ -89,6 +89,10 @@ class Config:
     # ---- method ----------------------------------------------------------------------------------------
     method: str = "supervised"  # "supervised", "soft_teacher", "dense_teacher" or "sed"
     method_args: dict = field(default_factory=dict)  # overrides of the method's own config, by field name
+    # Which forward passes of the student update its BatchNorm running statistics, which the teacher and the
+    # evaluation normalise with: "labeled" (the labeled weak view only; the papers' frozen BatchNorm leaves
+    # them to the pretrained images) or "all" (every pass: strong views and SED's X_hat too).
+    norm_stats: str = "labeled"
 
     # ---- batch: images per iteration summed over all processes (the global batch, as the papers state it) --
     # One process takes all of it; under torchrun each of N processes takes 1 / N of both (`per_process_batch`).
@@ -166,6 +170,7 @@ class Config:
         check(self.labeled_batch >= 1, f"labeled_batch must be >= 1, got {self.labeled_batch}")
         check(self.method == "supervised" or self.unlabeled_batch >= 1,
               f"method {self.method!r} needs unlabeled_batch >= 1, got {self.unlabeled_batch}")
+        check(self.norm_stats in ("labeled", "all"), f"norm_stats must be 'labeled' or 'all', got {self.norm_stats!r}")
         check(self.schedule in ("step", "cosine"), f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
         check(all(0 < f <= 1 for f in self.milestones), f"milestones are fractions of max_iter in (0, 1], "
                                                          f"got {self.milestones}")

@@ -8,6 +8,10 @@ unweighted terms with the same key names ("loss_cls", "loss_box", ...). The trai
     losses = prefix(sup, "sup_") | prefix(unsup.losses, "unsup_")
     total = weighted_total(losses, weights)         # sum_k weights[k] * losses[k]
 
+BatchNorm statistics: a detector trained from scratch keeps trainable BatchNorm, whose running statistics are
+what the teacher and the evaluation normalise with. `frozen_norm_statistics` keeps them those of the labeled
+weak view, the images a detector is tested on, while the student also sees strong views and X_hat.
+
 Diagnostics: the "unlabeled" images of the built-in dataset and of COCO do have annotations. They never
 reach a loss, but `pseudo_label_quality` scores the teacher's pseudo-boxes against them (precision and
 recall at IoU 0.5), and `draw_pseudo_labels` draws one image's pseudo-boxes on the weak view and carried
@@ -15,13 +19,14 @@ onto the strong view.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from data.transforms import clip_boxes, warp_boxes
@@ -99,6 +104,34 @@ def zero_loss(like: Tensor) -> Tensor:
     and keeps the term in the loss dict so that every iteration (and every rank) has the same keys.
     """
     return like.reshape(-1)[:0].sum()
+
+
+@contextmanager
+def frozen_norm_statistics(model: nn.Module, *, enabled: bool = True):
+    """Within the block, BatchNorm layers of `model` normalise by batch statistics as usual (in train mode) but
+    leave their running statistics (mean, variance, batch count) as they were.
+
+    The papers fine-tune an ImageNet backbone with frozen BatchNorm, so their unsupervised forward passes leave
+    the normalisation alone. From scratch, every forward pass of the student in train mode moves the running
+    statistics by momentum 0.1; the strong views and SED's downsampled X_hat would then make up most of them,
+    and the teacher (an EMA of the student's buffers too) and the evaluation, both in eval mode, would
+    normalise clean images by the statistics of other images. Momentum 0 makes each update
+    `1 * running + 0 * batch`, exactly the old value; the buffers are not written over afterwards, because
+    the backward of batch norm reads the very tensors the forward was given. enabled=False: a no-op.
+    """
+    if not enabled:
+        yield
+        return
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)  # an int64 counter that no backward reads
 
 
 # ------------------------------------------------------------------------------------------------------------

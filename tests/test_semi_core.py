@@ -8,6 +8,7 @@ recall on hand-built cases (duplicates, wrong class, greedy order, empty sides);
 build_method.
 """
 
+import copy
 import math
 
 import pytest
@@ -19,8 +20,8 @@ import semi
 from data.loader import Batch, UnlabeledBatch
 from data.transforms import TwoViewTransform, hflip_matrix, rotation_matrix, scale_matrix, translation_matrix
 from engine.config import resolve_config
-from semi.core import (UnsupOutput, carry_boxes, draw_pseudo_labels, linear_ramp, match_pseudo_labels, prefix,
-                       pseudo_label_quality, view_transform, weighted_total, zero_loss)
+from semi.core import (UnsupOutput, carry_boxes, draw_pseudo_labels, frozen_norm_statistics, linear_ramp,
+                       match_pseudo_labels, prefix, pseudo_label_quality, view_transform, weighted_total, zero_loss)
 from semi.ema import DenseTeacherEMA, EMATeacher, sed_momentum, soft_teacher_momentum
 
 
@@ -370,3 +371,28 @@ def test_build_method():
     cfg.method_args = {"jitter_time": 5}
     with pytest.raises(ValueError, match="jitter_time"):
         semi.build_method("soft_teacher", cfg=cfg, detector_name="faster_rcnn")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_frozen_norm_statistics_normalises_by_the_batch_and_restores_the_running_statistics(dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.BatchNorm2d(4)).to(dtype).train()
+    x = torch.randn(2, 3, 8, 8, dtype=dtype) * 3 + 1
+    free = copy.deepcopy(model)
+    expected = free(x)  # train mode: batch statistics, and the running ones move
+    before = [b.clone() for b in model.buffers()]
+    with frozen_norm_statistics(model):
+        out = model(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the same normalisation inside the block
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
+    assert not all(torch.equal(a, b) for a, b in zip(free.buffers(), before))
+
+    with pytest.raises(RuntimeError), frozen_norm_statistics(model):  # restored on the way out of an error too
+        model(x)
+        raise RuntimeError("stop")
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
+
+    with frozen_norm_statistics(model, enabled=False):
+        model(x)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), free.buffers()))

@@ -5,10 +5,17 @@ the teacher follows the student by EMA, is saved in the checkpoint and evaluated
 resumed semi-supervised run (teacher, RNG draws of the method) ends exactly where an uninterrupted one does.
 """
 
+import copy
+
 import pytest
 import torch
 
+import detectors
+import semi
 import train
+from data.loader import Batch, UnlabeledBatch
+from engine.config import detector_kwargs
+from semi.ema import EMATeacher
 from engine.checkpoint import last_checkpoint, load_checkpoint
 from engine.config import resolve_config
 from engine.logger import read_metrics
@@ -88,3 +95,53 @@ def test_semi_resume_matches_an_uninterrupted_run(builtin_dir, tmp_path, monkeyp
             assert torch.equal(value, final_b[part][key]), (part, key)
     losses = lambda run: [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
     assert losses("a") == losses("b")
+
+
+def labeled_pair(batch_size: int, size: int, generator: torch.Generator):
+    """A labeled batch and its pixel-aligned strong view: the same boxes, other pixels."""
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]),
+                "labels": torch.tensor([0, 3]), "crowd": torch.zeros(0, 4)} for _ in range(batch_size)]
+    weak = torch.rand(batch_size, 3, size, size, generator=generator)
+    strong = (1 - weak) * 0.5  # another image distribution: what the running statistics must not see
+
+    def batch(images):
+        return Batch(images=images, image_sizes=torch.tensor([[size, size]] * batch_size), targets=targets,
+                     matrices=torch.eye(3, dtype=torch.float64).expand(batch_size, 3, 3).clone(),
+                     image_ids=list(range(batch_size)), orig_sizes=[(size, size)] * batch_size)
+
+    return batch(weak), batch(strong)
+
+
+def norm_buffers(model) -> list[torch.Tensor]:
+    return [b.clone() for name, b in model.named_buffers() if name.rsplit(".", 1)[-1].startswith(("running_", "num_"))]
+
+
+@pytest.mark.parametrize("method", ["dense_teacher", "sed"])
+@pytest.mark.parametrize("norm_stats", ["labeled", "all"])
+def test_batchnorm_statistics_follow_the_labeled_weak_view(method, norm_stats):
+    """norm_stats="labeled": after every forward pass of an iteration (Dense Teacher's strong labeled view, the
+    unlabeled views, SED's X_hat) the student's running statistics are those the labeled weak batch alone
+    gives; "all": the other passes move them too."""
+    torch.manual_seed(0)
+    method_args = {"burn_in": 0, "ramp": 0} | ({"teacher_init": 0} if method == "dense_teacher" else {})
+    cfg = resolve_config(dict(method=method, detector="fcos", fpn_channels=32, head_convs=1, labeled_batch=2,
+                              unlabeled_batch=2, norm_stats=norm_stats, method_args=method_args))
+    student = detectors.build_detector("fcos", num_classes=6, **detector_kwargs(cfg))
+    student.model.train()
+    teacher = student._replace(model=EMATeacher(student.model).model)
+    sed_or_dt = semi.build_method(method, cfg=cfg, detector_name="fcos")
+    generator = torch.Generator().manual_seed(0)
+    labeled, labeled_strong = labeled_pair(2, 64, generator)
+    unlabeled = UnlabeledBatch(*labeled_pair(2, 64, generator))
+
+    reference = copy.deepcopy(student)  # the labeled weak batch alone
+    detectors.supervised_losses(reference, labeled.images, labeled.image_sizes, labeled.targets)
+    before = norm_buffers(student.model)
+    out = train.iteration_losses(student=student, teacher=teacher, method=sed_or_dt, labeled=labeled,
+                                 labeled_strong=labeled_strong if method == "dense_teacher" else None,
+                                 unlabeled=unlabeled, iteration=0, norm_stats=norm_stats)
+    assert any(key.startswith("unsup_") for key in out.losses)
+    after, expected = norm_buffers(student.model), norm_buffers(reference.model)
+    assert len(after) > 0 and not all(torch.equal(a, b) for a, b in zip(after, before))  # the labeled pass moved them
+    same = all(torch.equal(a, b) for a, b in zip(after, expected))
+    assert same == (norm_stats == "labeled")
