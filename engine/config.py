@@ -404,7 +404,7 @@ def detector_kwargs(cfg: Config) -> dict:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _parse_value(text: str):
+def parse_value(text: str):
     """'3' -> 3, '0.5' -> 0.5, 'true' / 'True' -> True, 'none' -> None, '[1,2]' -> [1, 2]; else the string."""
     lowered = {"true": "true", "false": "false", "none": "null", "null": "null"}.get(text.lower())
     try:
@@ -413,11 +413,11 @@ def _parse_value(text: str):
         return text
 
 
-def _key_value(text: str) -> tuple[str, object]:
+def parse_key_value(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), _parse_value(value)
+    return key.strip(), parse_value(value)
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -439,7 +439,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             (item,) = typing.get_args(kind)
             parser.add_argument(*flags, dest=f.name, type=item, nargs="*", help=help_text)
         elif kind is dict:
-            parser.add_argument(*flags, dest=f.name, type=_key_value, nargs="*", metavar="KEY=VALUE", help=help_text)
+            parser.add_argument(*flags, dest=f.name, type=parse_key_value, nargs="*", metavar="KEY=VALUE", help=help_text)
         elif kind in (int, float, str):
             parser.add_argument(*flags, dest=f.name, type=kind, help=help_text)
         else:

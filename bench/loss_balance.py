@@ -1,0 +1,137 @@
+"""How hard does each loss term pull? Gradient norms of every weighted term of a checkpoint's training step.
+
+    python bench/loss_balance.py runs/sed/checkpoint_0001000.pth
+    python bench/loss_balance.py runs/sed/checkpoint_0001000.pth --method-args lambda_scale=0.1 lambda_distill=0.1
+
+A method's unsupervised terms come with weights tuned where the papers trained (COCO, ImageNet backbones, 800 px
+images). Elsewhere the same weights can pull far harder, or far more weakly, than the supervised loss, and the
+final AP only shows it after an hour of training. This bench shows it in a minute: it loads the student and the
+teacher of a checkpoint, draws a few labeled and unlabeled batches of the run's own data, runs train.py's
+`iteration_losses` at the end of the ramp (every unsupervised weight at its full value) and prints, for every
+term times its weight, the norm of its gradient on each group of parameters (the first two parts of their names:
+`rpn_head.objectness`, `head.box_reg`, ...), averaged over the batches. The last column is the norm on all of
+them, and two rows sum the supervised and the unsupervised terms before taking the norm.
+
+Example (the SED preset on Faster R-CNN at the end of its burn-in, README "Status"): the re-weighted RPN
+classification KLs pulled on the objectness layer with about 100x the norm of the supervised RPN loss.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import detectors  # noqa: E402
+import semi  # noqa: E402
+from data.coco import CocoDetection, load_unlabeled  # noqa: E402
+from data.loader import build_train_loaders  # noqa: E402
+from data.splits import make_split  # noqa: E402
+from data.transforms import build_labeled_transform, build_unlabeled_transform  # noqa: E402
+from engine.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from engine.config import Config, dataset_files, detector_kwargs, parse_key_value  # noqa: E402
+from train import iteration_losses  # noqa: E402
+
+
+def parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Trainable parameters grouped by the first two parts of their names, in model order."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups.setdefault(".".join(name.split(".")[:2]), []).append(parameter)
+    return groups
+
+
+def gradient_norms(value: torch.Tensor, groups: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """The norm of d value / d parameters on each group and on all of them ("all")."""
+    flat = [p for params in groups.values() for p in params]
+    grads = torch.autograd.grad(value, flat, retain_graph=True, allow_unused=True)
+    squares, index = {}, 0
+    for name, params in groups.items():
+        part = grads[index:index + len(params)]
+        index += len(params)
+        squares[name] = sum(float(g.pow(2).sum()) for g in part if g is not None)
+    return {name: s ** 0.5 for name, s in squares.items()} | {"all": sum(squares.values()) ** 0.5}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint of a semi-supervised run written by train.py")
+    parser.add_argument("--method-args", nargs="*", default=[], type=parse_key_value, metavar="KEY=VALUE",
+                        help="override the method's settings, as train.py's --method-args")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--groups", nargs="*", default=None, metavar="PREFIX",
+                        help="only the parameter groups that start with these prefixes (default: all)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="which batches are drawn")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    path = Path(args.checkpoint)
+    state = load_checkpoint(path)
+    cfg = Config.from_dict(state["config"])
+    if cfg.method == "supervised" or state["teacher"] is None:
+        raise SystemExit(f"bench/loss_balance.py: {path} is a supervised run's checkpoint; it needs a teacher")
+    cfg.method_args |= dict(args.method_args)
+    method = semi.build_method(cfg.method, cfg=cfg, detector_name=cfg.detector)
+    meta = state["meta"]
+    student = detectors.build_detector(cfg.detector, num_classes=meta["num_classes"], **detector_kwargs(cfg))
+    teacher = detectors.build_detector(cfg.detector, num_classes=meta["num_classes"], **detector_kwargs(cfg))
+    load_model_state(student.model, state["model"], path=path, what="model")
+    load_model_state(teacher.model, state["teacher"], path=path, what="teacher")
+    student.model.train()
+    teacher.model.eval().requires_grad_(False)
+
+    # The run's labeled split and unlabeled images, with its augmentations.
+    files = dataset_files(cfg)
+    split_dir = cfg.split_dir or (files.root / "splits" if cfg.dataset == "builtin" else path.parent / "splits")
+    split = make_split(files.train_json, percent=cfg.percent, fold=cfg.fold, out_dir=split_dir)
+    sizes = dict(short_sides=cfg.train_sizes, max_size=cfg.train_max_size)
+    two_view_labeled = "strong" in method.labeled_views
+    categories = [{"id": i, "name": n} for i, n in zip(meta["category_ids"], meta["class_names"])]
+    labeled = CocoDetection(split.labeled_json, files.train_images, categories=categories, seed=args.seed,
+                            transform=(build_unlabeled_transform(**sizes, aligned=True) if two_view_labeled
+                                       else build_labeled_transform(**sizes)))
+    unlabeled = load_unlabeled(split.unlabeled_json, files.train_images, categories=categories, seed=args.seed,
+                               transform=build_unlabeled_transform(**sizes, aligned=method.unlabeled_aligned))
+    loaders = build_train_loaders(labeled, unlabeled, labeled_batch=cfg.labeled_batch,
+                                  unlabeled_batch=cfg.unlabeled_batch, seed=args.seed)
+
+    groups = parameter_groups(student.model)
+    if args.groups:
+        groups = {name: params for name, params in groups.items() if name.startswith(tuple(args.groups))}
+        if not groups:
+            raise SystemExit(f"bench/loss_balance.py: no parameter group starts with {args.groups}")
+    iteration = cfg.max_iter - 1  # past every burn-in and ramp: the unsupervised loss at its full weight
+    sums: dict[str, dict[str, float]] = {}
+    for _ in range(args.batches):
+        labeled_batch, labeled_strong = next(loaders.labeled), None
+        if two_view_labeled:
+            labeled_batch, labeled_strong = labeled_batch.weak, labeled_batch.strong
+        out = iteration_losses(student=student, teacher=teacher, method=method, labeled=labeled_batch,
+                               labeled_strong=labeled_strong, unlabeled=next(loaders.unlabeled),
+                               iteration=iteration, norm_stats=cfg.norm_stats)
+        terms = {key: out.weights[key] * value for key, value in out.losses.items() if out.weights[key] > 0}
+        for side in ("sup", "unsup"):
+            terms[f"{side} (sum)"] = sum(v for key, v in terms.items() if key.startswith(f"{side}_"))
+        for key, value in terms.items():
+            for name, norm in gradient_norms(value, groups).items():
+                sums.setdefault(key, {}).setdefault(name, 0.0)
+                sums[key][name] += norm / args.batches
+
+    columns = list(groups) + ["all"]
+    width = max(len(key) for key in sums) + 2
+    column = max(10, max(len(name) for name in columns) + 2)
+    print(f"{path}: {cfg.method} on {cfg.detector}, method args {cfg.method_args}; gradient norm of weight x term, "
+          f"mean of {args.batches} batches at iteration {iteration}")
+    print(f"{'term':<{width}}" + "".join(f"{name:>{column}}" for name in columns))
+    for key, row in sums.items():
+        print(f"{key:<{width}}" + "".join(f"{row[name]:{column}.4g}" for name in columns))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""bench/loss_balance.py: gradient norms per term and parameter group, from a tiny SED run's checkpoint."""
+
+import pytest
+import torch
+
+import train
+from bench import loss_balance
+from engine.checkpoint import last_checkpoint
+from engine.config import resolve_config
+
+SPEC = dict(num_train=16, num_val=4, image_size=64, min_size=8, max_size=40, max_objects=3, clutter=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_norms_per_group_and_in_all(dtype):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)).to(dtype)
+    groups = loss_balance.parameter_groups(model)
+    assert list(groups) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    first = model[0].weight
+    value = (first ** 2).sum() + 3 * model[1].bias.sum()  # d/dW = 2W, d/db = 3
+    norms = loss_balance.gradient_norms(value, groups)
+    assert norms["0.weight"] == pytest.approx(2 * first.norm().item())
+    assert norms["1.bias"] == pytest.approx(3.0)
+    assert norms["0.bias"] == 0.0 and norms["1.weight"] == 0.0  # unused: no gradient
+    assert norms["all"] == pytest.approx((4 * first.norm().item() ** 2 + 9) ** 0.5)
+
+
+def run_table(checkpoint, capsys, *extra) -> dict[str, dict[str, float]]:
+    """{term: {parameter group or "all": gradient norm}} from the printed table."""
+    capsys.readouterr()
+    loss_balance.main([str(checkpoint), "--batches", "1", *extra])
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("term"))
+    columns = lines[header].split()[1:]
+    return {line.split()[0]: dict(zip(columns, map(float, line.split()[1:]))) for line in lines[header + 1:]
+            if not line.startswith(("sup (", "unsup ("))}
+
+
+def test_sed_terms_scale_with_their_lambda(builtin_dir, tmp_path, capsys):
+    cfg = resolve_config(dict(method="sed", detector="fcos", builtin_dir=str(builtin_dir), builtin_spec=SPEC,
+                              output_dir=str(tmp_path), percent=50.0, train_sizes=[64], train_max_size=64,
+                              test_size=64, test_max_size=64, fpn_channels=32, head_convs=1, labeled_batch=2,
+                              unlabeled_batch=2, lr=0.01, warmup_iters=1, milestones=[0.5], max_iter=2,
+                              eval_period=1000, checkpoint_period=1000, log_period=1, threads=1, seed=0,
+                              method_args={"burn_in": 1, "ramp": 0}))
+    train.train(cfg)
+    checkpoint = last_checkpoint(tmp_path)
+    full = run_table(checkpoint, capsys)
+    assert {"sup_loss_cls", "unsup_loss_scale_cls", "unsup_loss_distill_box"} <= set(full)
+    box = full["unsup_loss_scale_box"]  # the box branch and the backbone, not the classification branch
+    assert box["backbone.body"] > 0 and box["head.box_reg"] > 0 and box["head.cls_logits"] == 0
+    half = run_table(checkpoint, capsys, "--method-args", "lambda_scale=0.5")
+    # The same batches: the scale terms pull half as hard, the distillation and the supervised terms as before.
+    for term, factor in (("unsup_loss_scale_cls", 0.5), ("unsup_loss_distill_cls", 1.0), ("sup_loss_cls", 1.0)):
+        for group, norm in full[term].items():
+            assert half[term][group] == pytest.approx(factor * norm, rel=1e-3, abs=1e-6), (term, group)
+
+
+def test_a_supervised_checkpoint_is_refused(builtin_dir, tmp_path):
+    cfg = resolve_config(dict(method="supervised", detector="fcos", builtin_dir=str(builtin_dir), builtin_spec=SPEC,
+                              output_dir=str(tmp_path), percent=50.0, train_sizes=[64], train_max_size=64,
+                              test_size=64, test_max_size=64, fpn_channels=32, head_convs=1, labeled_batch=2,
+                              max_iter=1, eval_period=1000, checkpoint_period=1000, threads=1))
+    train.train(cfg)
+    with pytest.raises(SystemExit, match="supervised"):
+        loss_balance.main([str(last_checkpoint(tmp_path))])
