@@ -42,7 +42,7 @@ def test_sed_terms_scale_with_their_lambda(builtin_dir, tmp_path, capsys):
                               test_size=64, test_max_size=64, fpn_channels=32, head_convs=1, labeled_batch=2,
                               unlabeled_batch=2, lr=0.01, warmup_iters=1, milestones=[0.5], max_iter=2,
                               eval_period=1000, checkpoint_period=1000, log_period=1, threads=1, seed=0,
-                              method_args={"burn_in": 1, "ramp": 0}))
+                              method_args={"burn_in": 1, "ramp": 0, "lambda_scale": 1.0, "lambda_distill": 1.0}))
     train.train(cfg)
     checkpoint = last_checkpoint(tmp_path)
     full = run_table(checkpoint, capsys)
