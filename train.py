@@ -72,6 +72,58 @@ def lr_factor(iteration: int, *, cfg: Config) -> float:
     return factor
 
 
+class TrainingSets(NamedTuple):
+    """A run's training data (`training_sets`)."""
+
+    files: object  # engine.config.dataset_files(cfg): the dataset's json and image folders
+    labeled: CocoDetection
+    unlabeled: CocoDetection | None  # None for supervised runs
+    categories: list[dict]  # [{"id", "name"}] in label order: the label map every other set must use
+
+
+def training_sets(cfg: Config, method, *, out_dir: Path) -> TrainingSets:
+    """The labeled and unlabeled training sets of a run, with its augmentations.
+
+    The labeled share of the training images (percent / fold, or a split file) and the rest as unlabeled images
+    (or extra ones, e.g. COCO's unlabeled2017). Labeled images take the weak view, or both views for a method
+    whose supervised loss takes the strong view too (Dense Teacher); unlabeled ones take a weak view for the
+    teacher and a strong one for the student, pixel-aligned for Dense Teacher and SED.
+    """
+    with distributed.main_first():  # rank 0 generates the built-in dataset and writes the split; the others read
+        files = dataset_files(cfg)
+        split_dir = cfg.split_dir or (files.root / "splits" if cfg.dataset == "builtin" else out_dir / "splits")
+        if cfg.split_file:
+            split = split_from_file(files.train_json, split_file=cfg.split_file, out_dir=split_dir,
+                                    percent=cfg.percent, fold=cfg.fold)
+        else:
+            split = make_split(files.train_json, percent=cfg.percent, fold=cfg.fold, out_dir=split_dir)
+
+    sizes = dict(short_sides=cfg.train_sizes, max_size=cfg.train_max_size)
+    two_view_labeled = method is not None and "strong" in method.labeled_views
+    labeled_transform = (build_unlabeled_transform(**sizes, aligned=True) if two_view_labeled
+                         else build_labeled_transform(**sizes))
+    labeled = CocoDetection(split.labeled_json, files.train_images, transform=labeled_transform, seed=cfg.seed)
+    categories = [{"id": i, "name": n} for i, n in zip(labeled.label_to_category_id, labeled.class_names)]
+    if method is None:
+        return TrainingSets(files, labeled, None, categories)
+    unlabeled_json, unlabeled_images = ((files.unlabeled_json, files.unlabeled_images) if files.unlabeled_json
+                                        else (split.unlabeled_json, files.train_images))
+    unlabeled = load_unlabeled(unlabeled_json, unlabeled_images, categories=categories, seed=cfg.seed,
+                               transform=build_unlabeled_transform(**sizes, aligned=method.unlabeled_aligned))
+    if len(unlabeled) == 0:
+        raise ValueError(f"{unlabeled_json}: no unlabeled images (percent {cfg.percent:g}); method "
+                         f"{cfg.method!r} needs some: lower --percent or give --unlabeled-json")
+    return TrainingSets(files, labeled, unlabeled, categories)
+
+
+def labeled_views(batch: Batch | UnlabeledBatch) -> tuple[Batch, Batch | None]:
+    """A labeled batch as `iteration_losses` takes it: (weak, strong) when it holds both views (Dense Teacher's
+    supervised loss), else (batch, None)."""
+    if isinstance(batch, UnlabeledBatch):
+        return batch.weak, batch.strong
+    return batch, None
+
+
 def check_finite(total: torch.Tensor, losses: dict[str, torch.Tensor], iteration: int) -> None:
     """Stop the run on a non-finite loss, naming the iteration and every term, so that the culprit shows."""
     if not torch.isfinite(total):
@@ -153,33 +205,7 @@ def train(cfg: Config) -> dict:
     method = semi.build_method(cfg.method, cfg=cfg, detector_name=cfg.detector)  # None for "supervised"
 
     # ---- data ------------------------------------------------------------------------------------------------
-    # The labeled share of the training images (percent / fold, or a split file); the rest is unlabeled.
-    with distributed.main_first():  # rank 0 generates the built-in dataset and writes the split; the others read
-        files = dataset_files(cfg)
-        split_dir = cfg.split_dir or (files.root / "splits" if cfg.dataset == "builtin" else out_dir / "splits")
-        if cfg.split_file:
-            split = split_from_file(files.train_json, split_file=cfg.split_file, out_dir=split_dir,
-                                    percent=cfg.percent, fold=cfg.fold)
-        else:
-            split = make_split(files.train_json, percent=cfg.percent, fold=cfg.fold, out_dir=split_dir)
-
-    sizes = dict(short_sides=cfg.train_sizes, max_size=cfg.train_max_size)
-    two_view_labeled = method is not None and "strong" in method.labeled_views
-    labeled_transform = (build_unlabeled_transform(**sizes, aligned=True) if two_view_labeled
-                         else build_labeled_transform(**sizes))
-    labeled = CocoDetection(split.labeled_json, files.train_images, transform=labeled_transform, seed=cfg.seed)
-    categories = [{"id": i, "name": n} for i, n in zip(labeled.label_to_category_id, labeled.class_names)]
-    unlabeled = None
-    if method is not None:
-        # The split's unlabeled part (or extra images, e.g. COCO's unlabeled2017). Weak view for the teacher,
-        # strong view for the student; pixel-aligned for Dense Teacher and SED.
-        unlabeled_json, unlabeled_images = ((files.unlabeled_json, files.unlabeled_images) if files.unlabeled_json
-                                            else (split.unlabeled_json, files.train_images))
-        unlabeled = load_unlabeled(unlabeled_json, unlabeled_images, categories=categories, seed=cfg.seed,
-                                   transform=build_unlabeled_transform(**sizes, aligned=method.unlabeled_aligned))
-        if len(unlabeled) == 0:
-            raise ValueError(f"{unlabeled_json}: no unlabeled images (percent {cfg.percent:g}); method "
-                             f"{cfg.method!r} needs some: lower --percent or give --unlabeled-json")
+    files, labeled, unlabeled, categories = training_sets(cfg, method, out_dir=out_dir)
     val = CocoDetection(files.val_json, files.val_images, categories=categories,
                         transform=build_eval_transform(cfg.test_size, cfg.test_max_size))
     val_loader = build_val_loader(val, batch_size=batch.labeled, num_workers=cfg.num_workers, rank=distributed.rank(),
@@ -276,10 +302,8 @@ def train(cfg: Config) -> dict:
     timer = time.perf_counter()
     results = {}
     for iteration in range(start_iter, cfg.max_iter):
-        labeled_batch = next(loaders.labeled).to(device, non_blocking=True)  # pinned (CUDA): the host does not wait
-        labeled_strong = None
-        if two_view_labeled:  # Dense Teacher: the weak and the strong view of the labeled images
-            labeled_batch, labeled_strong = labeled_batch.weak, labeled_batch.strong
+        # Pinned (CUDA): the host does not wait. Dense Teacher's labeled batch holds a weak and a strong view.
+        labeled_batch, labeled_strong = labeled_views(next(loaders.labeled).to(device, non_blocking=True))
         unlabeled_batch = next(loaders.unlabeled).to(device, non_blocking=True) if method is not None else None
         data_time = time.perf_counter() - timer
 

@@ -12,8 +12,8 @@ term times its weight, the norm of its gradient on each group of parameters (the
 `rpn_head.objectness`, `head.box_reg`, ...), averaged over the batches. The last column is the norm on all of
 them, and two rows sum the supervised and the unsupervised terms before taking the norm.
 
-Example (the SED preset on Faster R-CNN at the end of its burn-in, README "Status"): the re-weighted RPN
-classification KLs pulled on the objectness layer with about 100x the norm of the supervised RPN loss.
+Example (the SED preset on Faster R-CNN at the end of its burn-in, README "Status"): each of the re-weighted RPN
+classification KLs pulled on the objectness layer 70-160x as hard as the supervised RPN loss.
 """
 
 import argparse
@@ -27,13 +27,10 @@ import torch  # noqa: E402
 
 import detectors  # noqa: E402
 import semi  # noqa: E402
-from data.coco import CocoDetection, load_unlabeled  # noqa: E402
 from data.loader import build_train_loaders  # noqa: E402
-from data.splits import make_split  # noqa: E402
-from data.transforms import build_labeled_transform, build_unlabeled_transform  # noqa: E402
 from engine.checkpoint import load_checkpoint, load_model_state  # noqa: E402
-from engine.config import Config, dataset_files, detector_kwargs, parse_key_value  # noqa: E402
-from train import iteration_losses  # noqa: E402
+from engine.config import Config, detector_kwargs, parse_key_value  # noqa: E402
+from train import iteration_losses, labeled_views, training_sets  # noqa: E402
 
 
 def parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
@@ -86,19 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     student.model.train()
     teacher.model.eval().requires_grad_(False)
 
-    # The run's labeled split and unlabeled images, with its augmentations.
-    files = dataset_files(cfg)
-    split_dir = cfg.split_dir or (files.root / "splits" if cfg.dataset == "builtin" else path.parent / "splits")
-    split = make_split(files.train_json, percent=cfg.percent, fold=cfg.fold, out_dir=split_dir)
-    sizes = dict(short_sides=cfg.train_sizes, max_size=cfg.train_max_size)
-    two_view_labeled = "strong" in method.labeled_views
-    categories = [{"id": i, "name": n} for i, n in zip(meta["category_ids"], meta["class_names"])]
-    labeled = CocoDetection(split.labeled_json, files.train_images, categories=categories, seed=args.seed,
-                            transform=(build_unlabeled_transform(**sizes, aligned=True) if two_view_labeled
-                                       else build_labeled_transform(**sizes)))
-    unlabeled = load_unlabeled(split.unlabeled_json, files.train_images, categories=categories, seed=args.seed,
-                               transform=build_unlabeled_transform(**sizes, aligned=method.unlabeled_aligned))
-    loaders = build_train_loaders(labeled, unlabeled, labeled_batch=cfg.labeled_batch,
+    # The run's labeled split and unlabeled images, with its augmentations, as train.py builds them.
+    sets = training_sets(cfg, method, out_dir=path.parent)
+    loaders = build_train_loaders(sets.labeled, sets.unlabeled, labeled_batch=cfg.labeled_batch,
                                   unlabeled_batch=cfg.unlabeled_batch, seed=args.seed)
 
     groups = parameter_groups(student.model)
@@ -109,9 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     iteration = cfg.max_iter - 1  # past every burn-in and ramp: the unsupervised loss at its full weight
     sums: dict[str, dict[str, float]] = {}
     for _ in range(args.batches):
-        labeled_batch, labeled_strong = next(loaders.labeled), None
-        if two_view_labeled:
-            labeled_batch, labeled_strong = labeled_batch.weak, labeled_batch.strong
+        labeled_batch, labeled_strong = labeled_views(next(loaders.labeled))
         out = iteration_losses(student=student, teacher=teacher, method=method, labeled=labeled_batch,
                                labeled_strong=labeled_strong, unlabeled=next(loaders.unlabeled),
                                iteration=iteration, norm_stats=cfg.norm_stats)

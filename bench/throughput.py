@@ -37,7 +37,7 @@ from data.transforms import hflip_matrix, scale_matrix  # noqa: E402
 from detectors.precision import mixed_precision  # noqa: E402
 from engine.config import PAPER_DETECTOR, detector_kwargs, resolve_config  # noqa: E402
 from semi.ema import EMATeacher  # noqa: E402
-from train import iteration_losses  # noqa: E402
+from train import iteration_losses, labeled_views  # noqa: E402
 
 NUM_CLASSES = 6  # the built-in dataset's
 RUNS = [("supervised", "fcos"), ("supervised", "faster_rcnn"), ("soft_teacher", "faster_rcnn"),
@@ -99,11 +99,9 @@ def time_training_step(method_name: str, detector_name: str, *, size: int, label
     scaler = torch.amp.GradScaler("cpu", enabled=cfg.amp == "fp16")
 
     two_view_labeled = method is not None and "strong" in method.labeled_views
-    if two_view_labeled:  # Dense Teacher: the weak and the strong view of the labeled images
-        pair = two_views(labeled, size, aligned=True, generator=generator)
-        labeled_batch, labeled_strong = pair.weak, pair.strong
-    else:
-        labeled_batch, labeled_strong = random_batch(labeled, size, generator=generator), None
+    batch = (two_views(labeled, size, aligned=True, generator=generator) if two_view_labeled
+             else random_batch(labeled, size, generator=generator))
+    labeled_batch, labeled_strong = labeled_views(batch)
     unlabeled_batch = (two_views(unlabeled, size, aligned=method.unlabeled_aligned, generator=generator)
                        if method is not None else None)
     iteration = cfg.max_iter - 1  # past every burn-in and ramp: the unsupervised loss runs at full weight

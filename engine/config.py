@@ -303,10 +303,10 @@ def builtin_preset(method: str, detector: str, max_iter: int = BUILTIN_ITERATION
         # supervised loss here (`bench/loss_balance.py` at the end of burn-in: Faster R-CNN's unsupervised terms
         # had 22x the supervised gradient norm, most of it Eq. 5's re-weighted RPN KL on 128 px images with ~1/50
         # of COCO's anchors per bin; FCOS's 4.5x, most of it the box L2 over every location), and Faster R-CNN
-        # collapsed (7.5 AP against 47.1 supervised). Hence lambda_s = lambda_d = LAMBDA per detector, which brings
-        # the two norms near each other; measured (10%, 2000 iterations, student AP; README, "Status"):
-        # Faster R-CNN 43.3 at 0.02, 41.2 at 0.1, 7.5 at 1 (supervised 47.1: no collapse, still under); FCOS 30.5 at 0.25, 29.4 at 1 (supervised 31.1). RetinaNet keeps 1 (16.4 against
-        # 16.9 supervised, measured before `norm_stats`; not re-measured).
+        # collapsed. Hence one lambda_s = lambda_d per detector that brings the two norms near each other.
+        # Measured (10%, 2000 iterations, student AP; README, "Status"): Faster R-CNN 43.3 at 0.02, 41.2 at 0.1,
+        # 7.5 at 1 (supervised 47.1: no collapse, still under); FCOS 30.5 at 0.25, 29.4 at 1 (supervised 31.1).
+        # RetinaNet keeps 1 (16.4 against 16.9 supervised, measured before `norm_stats`; not re-measured).
         # 300 RoIs per view (the preset's proposals), not COCO's 1000; padding to a multiple of 2 * 32 px
         # (METHODS.md allows the coarsest stride, 128, which would double a 128 px batch).
         weight = {"faster_rcnn": 0.02, "fcos": 0.25, "retinanet": 1.0}[detector]
@@ -410,7 +410,7 @@ def detector_kwargs(cfg: Config) -> dict:
 # --------------------------------------------------------------------------------------------------------
 
 
-def parse_value(text: str):
+def _parse_value(text: str):
     """'3' -> 3, '0.5' -> 0.5, 'true' / 'True' -> True, 'none' -> None, '[1,2]' -> [1, 2]; else the string."""
     lowered = {"true": "true", "false": "false", "none": "null", "null": "null"}.get(text.lower())
     try:
@@ -423,7 +423,7 @@ def parse_key_value(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), parse_value(value)
+    return key.strip(), _parse_value(value)
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -445,7 +445,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             (item,) = typing.get_args(kind)
             parser.add_argument(*flags, dest=f.name, type=item, nargs="*", help=help_text)
         elif kind is dict:
-            parser.add_argument(*flags, dest=f.name, type=parse_key_value, nargs="*", metavar="KEY=VALUE", help=help_text)
+            parser.add_argument(*flags, dest=f.name, type=parse_key_value, nargs="*", metavar="KEY=VALUE",
+                                help=help_text)
         elif kind in (int, float, str):
             parser.add_argument(*flags, dest=f.name, type=kind, help=help_text)
         else:
