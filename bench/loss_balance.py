@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     teacher = detectors.build_detector(cfg.detector, num_classes=meta["num_classes"], **detector_kwargs(cfg))
     load_model_state(student.model, state["model"], path=path, what="model")
     load_model_state(teacher.model, state["teacher"], path=path, what="teacher")
+    if state["iteration"] <= method.teacher_init_iteration:
+        # train.py copies the student into the teacher at that iteration (Dense Teacher: the end of burn-in),
+        # after the checkpoint was written; until then the checkpoint's teacher is the untrained model.
+        teacher.model.load_state_dict(student.model.state_dict())
+        print(f"{path}: iteration {state['iteration']} <= the teacher's start ({method.teacher_init_iteration}): "
+              f"the teacher is the student, as train.py makes it there")
     student.model.train()
     teacher.model.eval().requires_grad_(False)
 

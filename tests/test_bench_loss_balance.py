@@ -64,3 +64,27 @@ def test_a_supervised_checkpoint_is_refused(builtin_dir, tmp_path):
     train.train(cfg)
     with pytest.raises(SystemExit, match="supervised"):
         loss_balance.main([str(last_checkpoint(tmp_path))])
+
+
+def test_a_checkpoint_before_the_teachers_start_gets_the_student_as_teacher(builtin_dir, tmp_path, capsys):
+    # Dense Teacher copies the student into the teacher at iteration teacher_init, after the checkpoint of that
+    # iteration was written: the bench must do the same, or it measures an untrained teacher's targets.
+    cfg = resolve_config(dict(method="dense_teacher", detector="fcos", builtin_dir=str(builtin_dir),
+                              builtin_spec=SPEC, output_dir=str(tmp_path), percent=50.0, train_sizes=[64],
+                              train_max_size=64, test_size=64, test_max_size=64, fpn_channels=32, head_convs=1,
+                              labeled_batch=2, unlabeled_batch=2, lr=0.01, warmup_iters=1, milestones=[0.5],
+                              max_iter=2, eval_period=1000, checkpoint_period=1000, log_period=1, threads=1,
+                              seed=0, method_args={"teacher_init": 2, "burn_in": 0, "ramp": 0, "ratio": 0.5}))
+    train.train(cfg)
+    checkpoint = last_checkpoint(tmp_path)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert state["iteration"] == 2
+    copied = tmp_path / "teacher_copied.pth"
+    torch.save(state | {"teacher": state["model"]}, copied)
+
+    bench_copy = run_table(checkpoint, capsys)  # iteration 2 <= teacher_init 2: the bench copies
+    by_hand = run_table(copied, capsys, "--method-args", "teacher_init=0")  # the copy made by hand
+    untrained = run_table(checkpoint, capsys, "--method-args", "teacher_init=0")  # the checkpoint's own teacher
+    for group, norm in bench_copy["unsup_loss_cls"].items():
+        assert by_hand["unsup_loss_cls"][group] == pytest.approx(norm, rel=1e-4, abs=1e-7), group
+    assert untrained["unsup_loss_cls"]["all"] != pytest.approx(bench_copy["unsup_loss_cls"]["all"], rel=1e-3)
