@@ -47,7 +47,7 @@ from detectors.precision import mixed_precision
 from engine import distributed
 from engine.checkpoint import (capture_rng_state, check_compatible, checkpoint_name, last_checkpoint, load_checkpoint,
                                load_model_state, restore_rng_state, save_checkpoint)
-from engine.config import Config, dataset_files, detector_kwargs, parse_config
+from engine.config import Config, DatasetFiles, dataset_files, detector_kwargs, parse_config
 from engine.evaluation import evaluate, load_coco
 from engine.logger import MetricsLog, format_losses, progress_bar
 from semi.core import draw_pseudo_labels, frozen_norm_statistics, prefix, pseudo_label_quality, weighted_total
@@ -75,7 +75,7 @@ def lr_factor(iteration: int, *, cfg: Config) -> float:
 class TrainingSets(NamedTuple):
     """A run's training data (`training_sets`)."""
 
-    files: object  # engine.config.dataset_files(cfg): the dataset's json and image folders
+    files: DatasetFiles  # the dataset's json and image folders (engine.config.dataset_files)
     labeled: CocoDetection
     unlabeled: CocoDetection | None  # None for supervised runs
     categories: list[dict]  # [{"id", "name"}] in label order: the label map every other set must use

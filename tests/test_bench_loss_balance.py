@@ -5,7 +5,7 @@ import torch
 
 import train
 from bench import loss_balance
-from engine.checkpoint import last_checkpoint
+from engine.checkpoint import last_checkpoint, load_checkpoint
 from engine.config import resolve_config
 
 SPEC = dict(num_train=16, num_val=4, image_size=64, min_size=8, max_size=40, max_objects=3, clutter=1.0)
@@ -77,7 +77,7 @@ def test_a_checkpoint_before_the_teachers_start_gets_the_student_as_teacher(buil
                               seed=0, method_args={"teacher_init": 2, "burn_in": 0, "ramp": 0, "ratio": 0.5}))
     train.train(cfg)
     checkpoint = last_checkpoint(tmp_path)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     assert state["iteration"] == 2
     copied = tmp_path / "teacher_copied.pth"
     torch.save(state | {"teacher": state["model"]}, copied)
