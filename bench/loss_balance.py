@@ -2,6 +2,7 @@
 
     python bench/loss_balance.py runs/sed/checkpoint_0001000.pth
     python bench/loss_balance.py runs/sed/checkpoint_0001000.pth --method-args lambda_scale=0.1 lambda_distill=0.1
+    python bench/loss_balance.py runs/supervised/checkpoint_0001000.pth --method sed   # before starting a method
 
 A method's unsupervised terms come with weights tuned where the papers trained (COCO, ImageNet backbones, 800 px
 images). Elsewhere the same weights can pull far harder, or far more weakly, than the supervised loss, and the
@@ -11,6 +12,10 @@ teacher of a checkpoint, draws a few labeled and unlabeled batches of the run's 
 term times its weight, the norm of its gradient on each group of parameters (the first two parts of their names:
 `rpn_head.objectness`, `head.box_reg`, ...), averaged over the batches. The last column is the norm on all of
 them, and two rows sum the supervised and the unsupervised terms before taking the norm.
+
+A supervised run's checkpoint has no teacher. With `--method NAME` it is read as train.py reads it when a method
+continues a supervised run: the teacher is the student, and the method's settings are its preset's for the
+checkpoint's dataset and detector (its `method_args` and unlabeled batch), the rest the checkpoint's own.
 
 Example (the SED preset on Faster R-CNN at the end of its burn-in, README "Status"): each of the re-weighted RPN
 classification KLs pulled on the objectness layer 70-160x as hard as the supervised RPN loss.
@@ -29,7 +34,7 @@ import detectors  # noqa: E402
 import semi  # noqa: E402
 from data.loader import build_train_loaders  # noqa: E402
 from engine.checkpoint import load_checkpoint, load_model_state  # noqa: E402
-from engine.config import Config, detector_kwargs, parse_key_value  # noqa: E402
+from engine.config import METHODS, Config, builtin_preset, coco_preset, detector_kwargs, parse_key_value  # noqa: E402
 from train import iteration_losses, labeled_views, training_sets  # noqa: E402
 
 
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a checkpoint of a semi-supervised run written by train.py")
     parser.add_argument("--method-args", nargs="*", default=[], type=parse_key_value, metavar="KEY=VALUE",
                         help="override the method's settings, as train.py's --method-args")
+    parser.add_argument("--method", choices=[m for m in METHODS if m != "supervised"], default=None,
+                        help="the method to measure at a supervised run's checkpoint (its teacher: the student)")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--groups", nargs="*", default=None, metavar="PREFIX",
                         help="only the parameter groups that start with these prefixes (default: all)")
@@ -71,8 +78,17 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.checkpoint)
     state = load_checkpoint(path)
     cfg = Config.from_dict(state["config"])
-    if cfg.method == "supervised" or state["teacher"] is None:
-        raise SystemExit(f"bench/loss_balance.py: {path} is a supervised run's checkpoint; it needs a teacher")
+    supervised = cfg.method == "supervised" or state["teacher"] is None
+    if supervised and args.method is None:
+        raise SystemExit(f"bench/loss_balance.py: {path} is a supervised run's checkpoint; it has no teacher: "
+                         f"name the method to measure with --method")
+    if args.method is not None and not supervised and args.method != cfg.method:
+        raise SystemExit(f"bench/loss_balance.py: {path} is a {cfg.method} run's checkpoint, not {args.method}'s")
+    if supervised:
+        preset = (builtin_preset(args.method, cfg.detector, cfg.max_iter) if cfg.dataset == "builtin"
+                  else coco_preset(args.method, cfg.detector))
+        cfg.method, cfg.method_args, cfg.unlabeled_batch = args.method, preset.method_args, preset.unlabeled_batch
+        state["teacher"] = state["model"]
     cfg.method_args |= dict(args.method_args)
     method = semi.build_method(cfg.method, cfg=cfg, detector_name=cfg.detector)
     meta = state["meta"]

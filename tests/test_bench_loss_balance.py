@@ -6,7 +6,7 @@ import torch
 import train
 from bench import loss_balance
 from engine.checkpoint import last_checkpoint, load_checkpoint
-from engine.config import resolve_config
+from engine.config import builtin_preset, resolve_config
 
 SPEC = dict(num_train=16, num_val=4, image_size=64, min_size=8, max_size=40, max_objects=3, clutter=1.0)
 
@@ -56,14 +56,33 @@ def test_sed_terms_scale_with_their_lambda(builtin_dir, tmp_path, capsys):
             assert half[term][group] == pytest.approx(factor * norm, rel=1e-3, abs=1e-6), (term, group)
 
 
-def test_a_supervised_checkpoint_is_refused(builtin_dir, tmp_path):
+def test_a_supervised_checkpoint_needs_a_method_and_gets_the_student_as_teacher(builtin_dir, tmp_path, capsys):
     cfg = resolve_config(dict(method="supervised", detector="fcos", builtin_dir=str(builtin_dir), builtin_spec=SPEC,
                               output_dir=str(tmp_path), percent=50.0, train_sizes=[64], train_max_size=64,
                               test_size=64, test_max_size=64, fpn_channels=32, head_convs=1, labeled_batch=2,
                               max_iter=1, eval_period=1000, checkpoint_period=1000, threads=1))
     train.train(cfg)
-    with pytest.raises(SystemExit, match="supervised"):
-        loss_balance.main([str(last_checkpoint(tmp_path))])
+    checkpoint = last_checkpoint(tmp_path)
+    with pytest.raises(SystemExit, match="--method"):
+        loss_balance.main([str(checkpoint)])
+
+    # By hand, what --method sed must do: the SED preset's settings for this detector, the student as teacher.
+    state = load_checkpoint(checkpoint)
+    preset = builtin_preset("sed", "fcos", cfg.max_iter)
+    config = state["config"] | {"method": "sed", "method_args": preset.method_args,
+                                "unlabeled_batch": preset.unlabeled_batch}
+    converted = tmp_path / "as_sed.pth"
+    torch.save(state | {"config": config, "teacher": state["model"]}, converted)
+
+    bench = run_table(checkpoint, capsys, "--method", "sed")
+    by_hand = run_table(converted, capsys)
+    assert bench["unsup_loss_scale_cls"]["all"] > 0 and bench["unsup_loss_distill_box"]["all"] > 0
+    assert set(bench) == set(by_hand)
+    for term, row in bench.items():
+        for group, norm in row.items():
+            assert by_hand[term][group] == pytest.approx(norm, rel=1e-4, abs=1e-7), (term, group)
+    with pytest.raises(SystemExit, match="not dense_teacher"):  # a method's checkpoint read as another method
+        loss_balance.main([str(converted), "--method", "dense_teacher"])
 
 
 def test_a_checkpoint_before_the_teachers_start_gets_the_student_as_teacher(builtin_dir, tmp_path, capsys):
