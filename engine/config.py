@@ -309,7 +309,10 @@ def builtin_preset(method: str, detector: str, max_iter: int = BUILTIN_ITERATION
         # of COCO's anchors per bin; FCOS's 4.5x, most of it the box L2 over every location), and Faster R-CNN
         # collapsed. Hence one lambda_s = lambda_d per detector that brings the two norms near each other.
         # Measured (10%, 2000 iterations, student AP; README, "Status"): Faster R-CNN 43.3 at 0.02, 41.2 at 0.1,
-        # 7.5 at 1 (supervised 47.1: no collapse, still under); FCOS 30.5 at 0.25, 29.4 at 1 (supervised 31.1);
+        # 7.5 at 1 (supervised 47.1: no collapse, still under; on a second machine 47.6 against 48.9, and 49.6
+        # without the RPN terms, `rpn_terms=false`: their re-weighted KLs pull 6x as hard as the supervised RPN
+        # loss, nearly converged, on the objectness layer);
+        # FCOS 30.5 at 0.25, 29.4 at 1 (supervised 31.1);
         # RetinaNet 16.3 at 0.5, 15.8 at 1, where its unsupervised norm was 1.5x the supervised one (supervised
         # 15.8 on the machine of these two runs, 16.9 on the machine of the other figures).
         # 300 RoIs per view (the preset's proposals), not COCO's 1000; padding to a multiple of 2 * 32 px
