@@ -34,7 +34,7 @@ import detectors  # noqa: E402
 import semi  # noqa: E402
 from data.loader import build_train_loaders  # noqa: E402
 from engine.checkpoint import load_checkpoint, load_model_state  # noqa: E402
-from engine.config import METHODS, Config, builtin_preset, coco_preset, detector_kwargs, parse_key_value  # noqa: E402
+from engine.config import METHODS, Config, dataset_preset, detector_kwargs, parse_key_value  # noqa: E402
 from train import iteration_losses, labeled_views, training_sets  # noqa: E402
 
 
@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.method is not None and not supervised and args.method != cfg.method:
         raise SystemExit(f"bench/loss_balance.py: {path} is a {cfg.method} run's checkpoint, not {args.method}'s")
     if supervised:
-        preset = (builtin_preset(args.method, cfg.detector, cfg.max_iter) if cfg.dataset == "builtin"
-                  else coco_preset(args.method, cfg.detector))
+        preset = dataset_preset(cfg.dataset, args.method, cfg.detector, cfg.max_iter)
         cfg.method, cfg.method_args, cfg.unlabeled_batch = args.method, preset.method_args, preset.unlabeled_batch
         state["teacher"] = state["model"]
     cfg.method_args |= dict(args.method_args)

@@ -482,6 +482,18 @@ def parse_config(argv: list[str] | None = None, *, description: str = "") -> Con
     return resolve_config(overrides)
 
 
+def dataset_preset(dataset: str, method: str, detector: str, max_iter: int | None = None) -> Config:
+    """The preset of `method` on `detector` for a dataset: the built-in one's (scaled to max_iter, None: the
+    benchmark schedule) or the papers' COCO settings, which a custom COCO-format dataset takes too."""
+    if dataset == "builtin":
+        return builtin_preset(method, detector, max_iter or BUILTIN_ITERATIONS)
+    if dataset in ("coco", "custom"):
+        cfg = coco_preset(method, detector)
+        cfg.dataset = dataset
+        return cfg
+    raise ValueError(f"config: dataset must be one of {DATASETS}, got {dataset!r}")
+
+
 def resolve_config(overrides: dict) -> Config:
     """The preset chosen by `overrides` (dataset, method, detector), updated with every override, validated.
 
@@ -494,13 +506,7 @@ def resolve_config(overrides: dict) -> Config:
     if method not in METHODS:
         raise ValueError(f"config: method must be one of {METHODS}, got {method!r}")
     detector = overrides.get("detector") or PAPER_DETECTOR[method]
-    if dataset == "builtin":
-        cfg = builtin_preset(method, detector, overrides.get("max_iter") or BUILTIN_ITERATIONS)
-    elif dataset in ("coco", "custom"):
-        cfg = coco_preset(method, detector)
-        cfg.dataset = dataset
-    else:
-        raise ValueError(f"config: dataset must be one of {DATASETS}, got {dataset!r}")
+    cfg = dataset_preset(dataset, method, detector, overrides.get("max_iter"))
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(overrides) - names)
     if unknown:
