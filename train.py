@@ -41,7 +41,7 @@ import detectors
 import semi
 from data.coco import CocoDetection, load_unlabeled
 from data.loader import Batch, UnlabeledBatch, build_train_loaders, build_val_loader
-from data.splits import make_split, split_from_file
+from data.splits import make_split, split_from_file, with_extra_unlabeled
 from data.transforms import build_eval_transform, build_labeled_transform, build_unlabeled_transform
 from detectors.precision import mixed_precision
 from engine import distributed
@@ -50,6 +50,8 @@ from engine.checkpoint import (capture_rng_state, check_compatible, checkpoint_n
 from engine.config import Config, DatasetFiles, dataset_files, detector_kwargs, parse_config
 from engine.evaluation import evaluate, load_coco
 from engine.logger import MetricsLog, format_losses, progress_bar
+from engine.pretrain import PretrainSpec, ensure_pretrained_backbone
+from engine.results import baseline_for, format_reference
 from semi.core import draw_pseudo_labels, frozen_norm_statistics, prefix, pseudo_label_quality, weighted_total
 from semi.ema import EMATeacher
 
@@ -108,6 +110,11 @@ def training_sets(cfg: Config, method, *, out_dir: Path) -> TrainingSets:
         return TrainingSets(files, labeled, None, categories)
     unlabeled_json, unlabeled_images = ((files.unlabeled_json, files.unlabeled_images) if files.unlabeled_json
                                         else (split.unlabeled_json, files.train_images))
+    if files.unlabeled_json and cfg.percent < 100 and files.unlabeled_images == files.train_images:
+        # Extra unlabeled images beside the training images (the built-in dataset's): the split's unlabeled part
+        # and the extra ones together.
+        with distributed.main_first():
+            unlabeled_json = with_extra_unlabeled(split.unlabeled_json, files.unlabeled_json, out_dir=split_dir)
     unlabeled = load_unlabeled(unlabeled_json, unlabeled_images, categories=categories, seed=cfg.seed,
                                transform=build_unlabeled_transform(**sizes, aligned=method.unlabeled_aligned))
     if len(unlabeled) == 0:
@@ -187,10 +194,15 @@ def train(cfg: Config) -> dict:
 
     Under torchrun every rank runs this function (engine/distributed.py); each returns the same metrics."""
     # ---- setup -----------------------------------------------------------------------------------------------
+    started = time.perf_counter()  # evaluations log the seconds since (their "elapsed"): time to accuracy
     device = distributed.init(cfg.device)  # joins torchrun's process group, if launched by it
     main, world = distributed.is_main(), distributed.world_size()
     batch = cfg.per_process_batch(world)  # images per rank and iteration: the global batches / world
     out_dir = Path(cfg.output_dir)
+    if cfg.backbone_pretrain and not cfg.backbone_weights:  # generated pretraining, cached after the first run
+        with distributed.main_first():
+            cfg.backbone_weights = str(ensure_pretrained_backbone(PretrainSpec(arch=cfg.backbone), threads=cfg.threads,
+                                                                  verbose=main))
     if main:  # rank 0 alone prints and writes files
         out_dir.mkdir(parents=True, exist_ok=True)
         print(f"config:\n{cfg}", flush=True)
@@ -292,7 +304,8 @@ def train(cfg: Config) -> dict:
                               class_names=labeled.class_names, max_images=max_images)
             if main:
                 print(f"\n[{name} @ {iteration}] {result.num_images} images\n{result.table()}", flush=True)
-                log.write({"iteration": iteration, "eval": name, **result.metrics,
+                log.write({"iteration": iteration, "eval": name, "elapsed": round(time.perf_counter() - started, 1),
+                           **result.metrics,
                            **{f"AP/{k}": v for k, v in result.per_class.items()}})
             results[name] = result.metrics
         return results
@@ -382,9 +395,30 @@ def train(cfg: Config) -> dict:
     if main:
         bar.close()
         log.close()
+        if results:
+            print(compare_with_table(cfg, results), flush=True)
         if last_checkpoint(out_dir) is not None:
             print(f"\ndone. Evaluate the final model with:\n  python evaluate.py {out_dir / 'last.pth'}", flush=True)
     return results
+
+
+def compare_with_table(cfg: Config, results: dict) -> str:
+    """The final AP next to the results table's rows of the same preset and schedule (engine/results.py)."""
+    lines = ["", "final AP (COCO AP50:95, all validation images): " + ", ".join(
+        f"{name} {100 * metrics['AP']:.1f}" for name, metrics in results.items())]
+    references = baseline_for(cfg)
+    if not references:
+        lines.append("(no row of docs/RESULTS.md has this dataset, label fraction and schedule to compare with)")
+        return "\n".join(lines)
+    lines.append("the results table (docs/RESULTS.md, bench/benchmark.py), the same preset and schedule:")
+    names = {"supervised": f"supervised, {cfg.percent:g}% of the labels", "full": "supervised, 100% of the labels",
+             "method": f"{cfg.method} (teacher)"}
+    for key, reference in references.items():
+        lines.append(f"  {names[key]:<36} {format_reference(reference)}")
+    if "supervised" in references and cfg.method != "supervised" and "teacher" in results:
+        gain = 100 * results["teacher"]["AP"] - references["supervised"].mean
+        lines.append(f"  this run's teacher against the supervised baseline: {gain:+.1f} AP")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:

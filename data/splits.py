@@ -74,6 +74,32 @@ def make_split(train_json: str | Path, *, percent: float, fold: int, out_dir: st
     return paths
 
 
+def with_extra_unlabeled(unlabeled_json: str | Path, extra_json: str | Path, *, out_dir: str | Path) -> Path:
+    """One COCO file of the images of `unlabeled_json` (a split's unlabeled part) and of `extra_json` (extra
+    unlabeled images, e.g. the built-in dataset's unlabeled.json, in the same image folder), written once to
+    out_dir/{stem}+{extra stem}.json and reused while both sources are unchanged. Image ids must not repeat."""
+    unlabeled_json, extra_json = Path(unlabeled_json), Path(extra_json)
+    out = Path(out_dir) / f"{unlabeled_json.stem}+{extra_json.stem}.json"
+    meta = {"rule_version": SPLIT_RULE_VERSION, "sources": [_sha1(unlabeled_json), _sha1(extra_json)]}
+    if out.is_file():
+        try:
+            if json.loads(out.read_text()).get("info", {}).get("merged") == meta:
+                return out
+        except json.JSONDecodeError:
+            pass
+    first, second = _read_coco(unlabeled_json), _read_coco(extra_json)
+    repeated = {im["id"] for im in first["images"]} & {im["id"] for im in second["images"]}
+    if repeated:
+        raise ValueError(f"{extra_json}: {len(repeated)} image ids also in {unlabeled_json} (e.g. "
+                         f"{sorted(repeated)[:3]}); extra unlabeled images need ids of their own")
+    merged = {**first, "info": {**(first.get("info") or {}), "merged": meta},
+              "images": first["images"] + second["images"],
+              "annotations": first.get("annotations", []) + second.get("annotations", [])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out, merged)
+    return out
+
+
 def split_from_file(train_json: str | Path, *, split_file: str | Path, out_dir: str | Path,
                     percent: float | None = None, fold: int | None = None) -> SplitPaths:
     """Write (or reuse) the labeled / unlabeled COCO files of an explicit split (either format above)."""

@@ -52,12 +52,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when the generator's output changes for a given spec: cached datasets of other versions are not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 # Class order = frequency rank (index 0 the most frequent); category id = index + 1.
-CLASS_NAMES = ("square", "circle", "triangle", "plus", "ring", "star")
+CLASS_NAMES = ("square", "circle", "triangle", "plus", "ring", "star",
+               "hexagon", "diamond", "cross", "arrow", "semicircle", "frame")
 
-_SPLIT_CODE = {"train": 0, "val": 1}
+_SPLIT_CODE = {"train": 0, "val": 1, "unlabeled": 2}
 _SUPERSAMPLE = 4  # shapes are rasterised at 4x and box-filtered down: anti-aliased edges exact to 1/4 px
 
 
@@ -66,13 +67,15 @@ class BuiltinSpec:
     """Everything the generated dataset depends on; a different spec is a different dataset (and folder)."""
 
     seed: int = 0
-    num_train: int = 3000
+    num_train: int = 1000
     num_val: int = 500
+    unlabeled_per_train: float = 4.0  # extra unlabeled images (unlabeled.json, as COCO's unlabeled2017) per train image
     image_size: int = 128  # square images, pixels
     # ---- objects ---------------------------------------------------------------------------------------
-    min_size: float = 12.0  # object size (sqrt of its unrotated box area) is log-uniform in [min_size, max_size]
-    max_size: float = 96.0
-    max_objects: int = 6  # objects per non-empty image are uniform in 1..max_objects (before occlusion drops)
+    num_classes: int = 12  # the first num_classes of CLASS_NAMES (at most 12)
+    min_size: float = 10.0  # object size (sqrt of its unrotated box area) is log-uniform in [min_size, max_size]
+    max_size: float = 80.0
+    max_objects: int = 14  # objects per non-empty image are uniform in 1..max_objects (before occlusion drops)
     empty_fraction: float = 0.05  # share of images with no object at all
     tail_ratio: float = 5.0  # frequency of the most frequent class / the rarest
     max_rotation_deg: float = 15.0  # shapes rotate by at most this (a square stays upright)
@@ -87,12 +90,18 @@ class BuiltinSpec:
     texture: float = 0.15  # amplitude of the low-frequency colour noise of backgrounds and objects
     noise_std: float = 0.05  # per-pixel Gaussian noise, in [0, 1] units
 
+    @property
+    def num_unlabeled(self) -> int:
+        return round(self.unlabeled_per_train * self.num_train)
+
     def validate(self) -> "BuiltinSpec":
         checks = [
             (self.num_train >= 1 and self.num_val >= 1, "num_train and num_val must be >= 1"),
+            (self.unlabeled_per_train >= 0, "unlabeled_per_train must be >= 0"),
             (self.image_size >= 16, "image_size must be >= 16"),
             (0 < self.min_size <= self.max_size <= self.image_size, "need 0 < min_size <= max_size <= image_size"),
             (self.max_objects >= 1, "max_objects must be >= 1"),
+            (2 <= self.num_classes <= len(CLASS_NAMES), f"num_classes must be in 2..{len(CLASS_NAMES)}"),
             (0 <= self.empty_fraction <= 1, "empty_fraction must be in [0, 1]"),
             (self.tail_ratio >= 1, "tail_ratio must be >= 1"),
             (0 <= self.max_hidden <= 1, "max_hidden must be in [0, 1]"),
@@ -111,6 +120,7 @@ class BuiltinPaths(NamedTuple):
     train_images: Path
     val_json: Path
     val_images: Path
+    unlabeled_json: Path | None  # the extra unlabeled images (their files in train_images), None without any
 
 
 def default_cache_dir() -> Path:
@@ -124,8 +134,10 @@ def _fingerprint(spec: BuiltinSpec) -> dict:
 
 
 def _paths(root: Path) -> BuiltinPaths:
+    unlabeled = root / "unlabeled.json"
     return BuiltinPaths(root=root, train_json=root / "train.json", train_images=root / "train",
-                        val_json=root / "val.json", val_images=root / "val")
+                        val_json=root / "val.json", val_images=root / "val",
+                        unlabeled_json=unlabeled if unlabeled.exists() else None)
 
 
 def ensure_builtin(cache_dir: str | Path | None = None, *, spec: BuiltinSpec = BuiltinSpec(),
@@ -186,10 +198,16 @@ def _is_complete(root: Path, fingerprint: dict) -> bool:
 
 
 def _generate(out: Path, spec: BuiltinSpec, *, num_workers: int) -> None:
-    categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASS_NAMES)]
-    for split, count in (("train", spec.num_train), ("val", spec.num_val)):
-        (out / split).mkdir(parents=True, exist_ok=True)
-        jobs = [(spec, split, index, str(out / split)) for index in range(count)]
+    categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
+                  for k, name in enumerate(CLASS_NAMES[:spec.num_classes])]
+    # The extra unlabeled images share train/ (file names u000000.png, ...) and take the image ids after the
+    # training images', so that they and the unlabeled part of a split make one set.
+    splits = [("train", spec.num_train, "train", 1), ("val", spec.num_val, "val", 1)]
+    if spec.num_unlabeled:
+        splits.append(("unlabeled", spec.num_unlabeled, "train", spec.num_train + 1))
+    for split, count, folder, first_id in splits:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        jobs = [(spec, split, index, str(out / folder)) for index in range(count)]
         if num_workers > 1:
             with multiprocessing.get_context("fork").Pool(num_workers) as pool:
                 results = pool.map(_generate_and_write, jobs, chunksize=max(1, min(64, count // (4 * num_workers))))
@@ -197,8 +215,8 @@ def _generate(out: Path, spec: BuiltinSpec, *, num_workers: int) -> None:
             results = [_generate_and_write(job) for job in jobs]
         images, annotations = [], []
         for index, objects in enumerate(results):
-            image_id = index + 1
-            images.append({"id": image_id, "file_name": _file_name(index), "width": spec.image_size,
+            image_id = index + first_id
+            images.append({"id": image_id, "file_name": _file_name(split, index), "width": spec.image_size,
                            "height": spec.image_size})
             for obj in objects:
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, **obj, "iscrowd": 0})
@@ -207,8 +225,8 @@ def _generate(out: Path, spec: BuiltinSpec, *, num_workers: int) -> None:
         (out / f"{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
 
 
-def _file_name(index: int) -> str:
-    return f"{index:06d}.png"
+def _file_name(split: str, index: int) -> str:
+    return f"u{index:06d}.png" if split == "unlabeled" else f"{index:06d}.png"
 
 
 def _generate_and_write(job) -> list[dict]:
@@ -216,7 +234,7 @@ def _generate_and_write(job) -> list[dict]:
     pixels, objects = generate_image(spec, split=split, index=index)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=6)
-    Path(folder, _file_name(index)).write_bytes(buffer.getvalue())
+    Path(folder, _file_name(split, index)).write_bytes(buffer.getvalue())
     return objects
 
 
@@ -243,8 +261,8 @@ def generate_image(spec: BuiltinSpec, *, split: str, index: int) -> tuple[np.nda
 
     # Objects, largest first so that smaller ones are drawn over them.
     num_objects = 0 if rng.uniform() < spec.empty_fraction else int(rng.integers(1, spec.max_objects + 1))
-    weights = spec.tail_ratio ** (-np.arange(len(CLASS_NAMES)) / (len(CLASS_NAMES) - 1))
-    labels = rng.choice(len(CLASS_NAMES), size=num_objects, p=weights / weights.sum())
+    weights = spec.tail_ratio ** (-np.arange(spec.num_classes) / (spec.num_classes - 1))
+    labels = rng.choice(spec.num_classes, size=num_objects, p=weights / weights.sum())
     sizes = np.exp(rng.uniform(np.log(spec.min_size), np.log(spec.max_size), size=num_objects))
     order = np.argsort(-sizes, kind="stable")
     placed = []  # (label, box xyxy, alpha (h, w), (x0, y0) offset)
@@ -362,14 +380,45 @@ def _unit_polygons(rng: np.random.Generator, label: int) -> list[tuple[np.ndarra
                             [-1, -t], [-t, -t]]), 1)]
     elif name == "ring":
         shape = [(circle, 1), (circle * rng.uniform(0.45, 0.62), 0)]
-    else:  # star, five points
+    elif name == "star":  # five points
         inner = rng.uniform(0.38, 0.5)
         angles = -np.pi / 2 + np.arange(10) * np.pi / 5
         radii = np.where(np.arange(10) % 2 == 0, 1.0, inner)
-        points = np.stack([np.cos(angles), np.sin(angles)], 1) * radii[:, None]
-        low, high = points.min(0), points.max(0)
-        shape = [(2 * (points - low) / (high - low) - 1, 1)]  # stretch to fill [-1, 1]^2
+        shape = [(_fill_box(np.stack([np.cos(angles), np.sin(angles)], 1) * radii[:, None]), 1)]
+    elif name == "hexagon":
+        angles = np.arange(6) * np.pi / 3
+        shape = [(_fill_box(np.stack([np.cos(angles), np.sin(angles)], 1)), 1)]
+    elif name == "diamond":
+        shape = [(np.array([[0, -1], [1, 0], [0, 1], [-1, 0]], float), 1)]
+    elif name == "cross":  # the plus turned by 45 degrees: an X
+        t = rng.uniform(0.22, 0.32)
+        plus = np.array([[-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1], [-t, 1], [-t, t], [-1, t],
+                         [-1, -t], [-t, -t]])
+        shape = [(_fill_box(plus @ (np.array([[1, -1], [1, 1]]) / np.sqrt(2)).T), 1)]
+    elif name == "arrow":  # a shaft and a head, pointing in one of four directions
+        s, h = rng.uniform(0.18, 0.3), rng.uniform(-0.1, 0.3)
+        points = np.array([[-1, -s], [h, -s], [h, -1], [1, 0], [h, 1], [h, s], [-1, s]])
+        shape = [(points @ _quarter_turn(int(rng.integers(4))).T, 1)]
+    elif name == "semicircle":  # a half disc, its flat side in one of four directions
+        half = np.linspace(0, np.pi, 33)
+        points = _fill_box(np.stack([np.cos(half), np.sin(half)], 1))
+        shape = [(points @ _quarter_turn(int(rng.integers(4))).T, 1)]
+    else:  # frame: a square with a square hole, the ring's counterpart
+        inner = rng.uniform(0.45, 0.65)
+        square = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float)
+        shape = [(square, 1), (square * inner, 0)]
     return shape
+
+
+def _fill_box(points: np.ndarray) -> np.ndarray:
+    """Stretch points (V, 2) to fill [-1, 1]^2 exactly."""
+    low, high = points.min(0), points.max(0)
+    return 2 * (points - low) / (high - low) - 1
+
+
+def _quarter_turn(k: int) -> np.ndarray:
+    """The 2 x 2 rotation by k * 90 degrees (exact)."""
+    return np.linalg.matrix_power(np.array([[0.0, -1.0], [1.0, 0.0]]), k)
 
 
 def _place_object(rng: np.random.Generator, label: int, obj_size: float, spec: BuiltinSpec, boxes: list):

@@ -71,6 +71,7 @@ class Config:
     detector: str = "fcos"  # "fcos", "retinanet" or "faster_rcnn"
     backbone: str = "resnet50"  # torchvision ResNet architecture name
     backbone_weights: str = ""  # path to ImageNet weights; empty: from scratch (trainable BatchNorm)
+    backbone_pretrain: str = ""  # without --backbone-weights: "glyphs" pretrains on generated glyphs (cached); "": none
     trainable_layers: int = 3  # with pretrained weights: ResNet parts that train (of 5; 3 freezes stem + layer1)
     fpn_channels: int = 256
     head_convs: int = 4  # FCOS / RetinaNet: conv layers per head tower
@@ -179,6 +180,8 @@ class Config:
         check(bool(self.train_sizes) and all(s > 0 for s in self.train_sizes), "train_sizes must be positive")
         check(self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}")
         check(self.amp in ("", "bf16", "fp16"), f"amp must be '' (off), 'bf16' or 'fp16', got {self.amp!r}")
+        check(self.backbone_pretrain in ("", "glyphs"),
+              f"backbone_pretrain must be '' (none) or 'glyphs', got {self.backbone_pretrain!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -222,7 +225,8 @@ class ProcessBatch(NamedTuple):
 # README take the benchmark one (`bench/compare.py`), where the 100% models have converged (METHODS.md, last
 # section). Every schedule setting below is a fraction of max_iter, so any --max-iter scales the whole run.
 BUILTIN_ITERATIONS = 800
-BENCHMARK_ITERATIONS = 2000
+BENCHMARK_ITERATIONS = 800
+BUILTIN_PERCENT = 10.0  # the headline label fraction of the results table (docs/RESULTS.md)
 
 
 def builtin_preset(method: str, detector: str, max_iter: int = BUILTIN_ITERATIONS) -> Config:
@@ -242,7 +246,7 @@ def builtin_preset(method: str, detector: str, max_iter: int = BUILTIN_ITERATION
     cfg = Config(
         dataset="builtin", detector=detector, method=method,
         train_sizes=[96, 112, 128, 144, 160], train_max_size=256, test_size=128, test_max_size=256,
-        backbone="resnet18", fpn_channels=64, head_convs=4,
+        backbone="resnet18", backbone_pretrain="glyphs", trainable_layers=3, fpn_channels=64, head_convs=4,
         # Base anchor size per level. Faster R-CNN P2-P6: COCO's 32..512 / 4. RetinaNet P3-P7: COCO's / 2, for
         # the reason of the FCOS ranges below.
         anchor_sizes=[8, 16, 32, 64, 128] if detector == "faster_rcnn" else [16, 32, 64, 128, 256],
@@ -380,7 +384,8 @@ def dataset_files(cfg: Config) -> DatasetFiles:
     if cfg.dataset == "builtin":
         spec = BuiltinSpec(**cfg.builtin_spec)
         paths = ensure_builtin(cfg.builtin_dir or None, spec=spec)
-        files = DatasetFiles(paths.root, paths.train_json, paths.train_images, paths.val_json, paths.val_images)
+        files = DatasetFiles(paths.root, paths.train_json, paths.train_images, paths.val_json, paths.val_images,
+                             paths.unlabeled_json, paths.train_images if paths.unlabeled_json else None)
     elif cfg.data_root:
         paths = coco_paths(cfg.data_root)
         files = DatasetFiles(Path(cfg.data_root), paths.train_json, paths.train_images, paths.val_json,

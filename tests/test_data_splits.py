@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from data.splits import make_split, select_labeled, split_from_file
+from data.splits import make_split, select_labeled, split_from_file, with_extra_unlabeled
 
 
 def _write_train(path, ids):
@@ -148,3 +148,32 @@ def test_bad_split_file(train, tmp_path):
         split_from_file(path, split_file=split_file, out_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="nothing.json"):
         split_from_file(path, split_file=tmp_path / "nothing.json", out_dir=tmp_path)
+
+
+def _coco(path, ids, *, categories=({"id": 1, "name": "a"},)):
+    path.write_text(json.dumps({"images": [{"id": i, "file_name": f"{i}.png", "width": 8, "height": 8} for i in ids],
+                                "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [0, 0, 2, 2],
+                                                 "area": 4, "iscrowd": 0} for i in ids],
+                                "categories": list(categories)}))
+    return path
+
+
+def test_extra_unlabeled_images_join_the_splits_unlabeled_part(tmp_path):
+    rest = _coco(tmp_path / "train.1@10-unlabeled.json", [2, 3, 5])
+    extra = _coco(tmp_path / "unlabeled.json", [11, 12])
+    merged = with_extra_unlabeled(rest, extra, out_dir=tmp_path / "out")
+    coco = json.loads(merged.read_text())
+    assert [im["id"] for im in coco["images"]] == [2, 3, 5, 11, 12]
+    assert len(coco["annotations"]) == 5 and coco["categories"] == [{"id": 1, "name": "a"}]
+    written = merged.stat().st_mtime_ns
+    assert with_extra_unlabeled(rest, extra, out_dir=tmp_path / "out") == merged  # reused
+    assert merged.stat().st_mtime_ns == written
+    _coco(extra, [11, 12, 13])  # a changed source is merged again
+    assert len(json.loads(with_extra_unlabeled(rest, extra, out_dir=tmp_path / "out").read_text())["images"]) == 6
+
+
+def test_extra_unlabeled_images_with_repeated_ids_are_refused(tmp_path):
+    rest = _coco(tmp_path / "rest.json", [1, 2])
+    extra = _coco(tmp_path / "extra.json", [2, 9])
+    with pytest.raises(ValueError, match=r"extra.json: 1 image ids also in .*rest.json"):
+        with_extra_unlabeled(rest, extra, out_dir=tmp_path)

@@ -23,7 +23,8 @@ def test_same_seed_gives_identical_bytes_whatever_the_workers(tmp_path):
     serial = ensure_builtin(tmp_path / "a", spec=TINY, num_workers=0, verbose=False)
     parallel = ensure_builtin(tmp_path / "b", spec=TINY, num_workers=2, verbose=False)
     a, b = _tree_bytes(serial.root), _tree_bytes(parallel.root)
-    assert len(a) == 2 + TINY.num_train + TINY.num_val  # two JSON files and the PNGs
+    # three JSON files (train, val, the extra unlabeled images) and the PNGs
+    assert len(a) == 3 + TINY.num_train + TINY.num_val + TINY.num_unlabeled
     assert a == b
 
 
@@ -56,7 +57,8 @@ def test_files_are_valid_coco(tmp_path):
 
 
 def test_default_spec_properties():
-    """>= 6 classes, sizes spanning >= 8x with every octave populated, a long tail, empty images, <= 8 objects."""
+    """>= 12 classes, sizes spanning >= 6x with every octave populated, a long tail, empty images, and about as
+    many objects per image as COCO (7.3)."""
     spec = BuiltinSpec()
     counts, sides, per_image = Counter(), [], []
     for index in range(200):
@@ -66,13 +68,13 @@ def test_default_spec_properties():
             counts[obj["category_id"]] += 1
             sides.append(np.sqrt(obj["bbox"][2] * obj["bbox"][3]))
     sides = np.array(sides)
-    assert len(counts) >= 6 and len(CLASS_NAMES) >= 6
-    assert sides.max() / sides.min() >= 8
-    for low in (8, 16, 32, 64):
+    assert len(counts) >= 12 and len(CLASS_NAMES) >= 12
+    assert sides.max() / sides.min() >= 6
+    for low in (8, 16, 32):
         assert ((sides >= low) & (sides < 2 * low)).sum() >= 0.08 * len(sides), f"octave {low}-{2 * low} is thin"
     assert counts[1] >= 0.6 * spec.tail_ratio * counts[len(CLASS_NAMES)]  # long tail (expected ratio: tail_ratio)
     assert 0 in per_image and max(per_image) <= spec.max_objects
-    assert 2 <= np.mean(per_image) <= 6
+    assert 5 <= np.mean(per_image) <= 9
 
 
 def test_class_frequencies_follow_the_tail_ratio():
@@ -163,3 +165,27 @@ def test_stats(tmp_path):
     stats = dataset_stats(paths.train_json)
     assert stats["images"] == TINY.num_train
     assert sum(stats["class_counts"].values()) == stats["annotations"] == sum(stats["size_octaves"].values())
+
+
+def test_extra_unlabeled_images_share_the_train_folder_with_ids_of_their_own(tmp_path):
+    spec = BuiltinSpec(num_train=5, num_val=2, unlabeled_per_train=2.0)
+    paths = ensure_builtin(tmp_path, spec=spec, num_workers=0, verbose=False)
+    assert spec.num_unlabeled == 10 and paths.unlabeled_json is not None
+    train, extra = json.loads(paths.train_json.read_text()), json.loads(paths.unlabeled_json.read_text())
+    assert [im["id"] for im in train["images"]] == [1, 2, 3, 4, 5]
+    assert [im["id"] for im in extra["images"]] == list(range(6, 16))
+    assert all((paths.train_images / im["file_name"]).is_file() for im in extra["images"])
+    assert extra["categories"] == train["categories"]
+    # The extra images are drawn from their own stream: none repeats a training image.
+    first_train = (paths.train_images / train["images"][0]["file_name"]).read_bytes()
+    assert all((paths.train_images / im["file_name"]).read_bytes() != first_train for im in extra["images"])
+    none = ensure_builtin(tmp_path, spec=BuiltinSpec(num_train=5, num_val=2, unlabeled_per_train=0.0),
+                          num_workers=0, verbose=False)
+    assert none.unlabeled_json is None
+
+
+def test_six_classes_reproduce_the_first_six_shapes():
+    """num_classes picks a prefix of CLASS_NAMES: a 6-class spec never draws the newer shapes."""
+    spec = BuiltinSpec(num_classes=6)
+    labels = {obj["category_id"] for i in range(40) for obj in generate_image(spec, split="train", index=i)[1]}
+    assert labels <= set(range(1, 7)) and len(labels) == 6

@@ -1,0 +1,267 @@
+"""The built-in benchmark: every row of the results table over seeds, written to docs/RESULTS.md.
+
+    python bench/benchmark.py --jobs 2                    # the main table: 3 seeds per row, resumable
+    python bench/benchmark.py --rows soft_teacher         # only the rows whose name contains this
+    python bench/benchmark.py --ablations --jobs 2        # the papers' ablations in miniature, on top
+    python bench/benchmark.py --dataset-seed 1            # the same table on another drawing of the data
+    python bench/benchmark.py --list                      # the rows and their command lines, nothing run
+
+Rows (each one `train.py` run per seed, at the built-in preset's benchmark schedule):
+  * supervised training at the headline label fraction and at 100%, for each detector; the supervised runs
+    copy the learning-rate schedule and labeled batch of the methods' preset, so that a method and its
+    baseline see the same labeled images for the same number of iterations;
+  * each method on its paper's detector (Soft Teacher and SED on Faster R-CNN, Dense Teacher on FCOS) and on
+    every other detector it supports.
+What a seed changes: `--seed` (the heads' initialisation, the order and augmentation of the images, the
+methods' random choices). The labeled split (fold 1) and the dataset stay the same, so that the spread
+measures training noise; `--vary-fold` gives seed s the fold s as well, and `--dataset-seed` another drawing
+of the whole dataset.
+
+Every run lives in its own folder, <out>/<row>/seed<s>/; a finished run is not run again and an interrupted
+one resumes from its last checkpoint, so the command can be repeated or extended at any time. The table
+reports, per row, the mean +- sample std of the final AP over the seeds (student, and teacher for the
+methods), the share of the gap between the supervised runs at the headline fraction and at 100% that the
+method closes, and whether the gain over supervised training exceeds twice the pooled std (the bar a gain
+must pass to count). It writes <doc>.md, <doc>.json (what `train.py` quotes as the baseline) and a bar chart
+with error bars, <doc>.png (with matplotlib installed).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.compare import final_metrics, run_all  # noqa: E402
+from engine.config import BENCHMARK_ITERATIONS, BUILTIN_PERCENT, resolve_config  # noqa: E402
+
+# The detectors each method supports, its paper's first.
+METHOD_DETECTORS = {"soft_teacher": ("faster_rcnn",), "dense_teacher": ("fcos", "retinanet"),
+                    "sed": ("faster_rcnn", "fcos", "retinanet")}
+DETECTORS = ("faster_rcnn", "fcos", "retinanet")
+
+# The papers' ablations, each a method run with other --method-args (rows named <method>_<detector>_<name>).
+# Dense Teacher's region sizes are multiples of the preset's own (`region_ablation`).
+ABLATIONS = {
+    ("soft_teacher", "faster_rcnn"): {
+        "no_bg_weighting": ["soft_background=false"],  # Soft Teacher's Table 7: BG-T weighting off
+        "no_box_jitter": ["box_jittering=false"],  # Table 6: regress on the classification pseudo-boxes
+    },
+    ("dense_teacher", "fcos"): {"all_locations": ["region=all"]},  # Dense Teacher's Table 1: top-k against all
+    ("sed", "faster_rcnn"): {  # SED's Table 4: scale consistency, self-distillation and re-weighting
+        "scale_only": ["distill=off", "reweight=false"],
+        "scale_reweight": ["distill=off"],
+        "distill_only": ["scale_consistency=false", "reweight=false"],
+        "distill_reweight": ["scale_consistency=false"],
+        "no_reweight": ["reweight=false"],
+        "hard_distill": ["distill=hard"],
+    },
+}
+REGION_MULTIPLES = (0.1, 0.5, 2.0)  # Dense Teacher's Table 5 in miniature: the region at these multiples
+
+
+def region_ablation(max_iter: int) -> dict[str, list[str]]:
+    """Dense Teacher's region sizes around the preset's ratio (capped at every location)."""
+    ratio = resolve_config({"method": "dense_teacher", "detector": "fcos", "max_iter": max_iter}).method_args["ratio"]
+    return {f"region_x{m:g}": [f"ratio={min(1.0, ratio * m):.4g}"] for m in REGION_MULTIPLES}
+
+
+def rows(percent: float, max_iter: int, *, ablations: bool) -> dict[str, list[str]]:
+    """Every row's train.py arguments (without seed and output folder)."""
+    table: dict[str, list[str]] = {}
+    for detector in DETECTORS:
+        # The supervised rows take the methods' schedule and labeled batch (the Soft Teacher preset's, which all
+        # methods share on the built-in dataset).
+        preset = resolve_config({"method": "soft_teacher", "detector": detector, "max_iter": max_iter})
+        schedule = ["--lr", str(preset.lr), "--warmup-iters", str(preset.warmup_iters), "--schedule",
+                    preset.schedule, "--milestones", *[str(m) for m in preset.milestones],
+                    "--labeled-batch", str(preset.labeled_batch)]
+        for p in (percent, 100.0):
+            table[f"supervised_{detector}_{p:g}pct"] = ["--method", "supervised", "--detector", detector,
+                                                        "--percent", f"{p:g}", *schedule]
+    for method, detectors in METHOD_DETECTORS.items():
+        for detector in detectors:
+            table[f"{method}_{detector}"] = ["--method", method, "--detector", detector, "--percent", f"{percent:g}"]
+            if ablations:
+                extra = region_ablation(max_iter) if (method, detector) == ("dense_teacher", "fcos") else {}
+                for name, settings in (ABLATIONS.get((method, detector), {}) | extra).items():
+                    table[f"{method}_{detector}_{name}"] = [*table[f"{method}_{detector}"], "--method-args",
+                                                            *settings]
+    common = ["--max-iter", str(max_iter), "--draw-period", "0"]
+    return {name: [*argv, *common] for name, argv in table.items()}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], seeds: list[int],
+              percent: float) -> dict[str, dict]:
+    """Per row: {"detector", "method", "percent", "seeds", "student": [AP...], "teacher": [AP...], ...stats}."""
+    summary = {}
+    for name, argv in runs.items():
+        method, detector = argv[argv.index("--method") + 1], argv[argv.index("--detector") + 1]
+        row_percent = float(argv[argv.index("--percent") + 1])
+        row = {"method": method, "detector": detector, "percent": row_percent, "argv": argv,
+               "seeds": [], "student": [], "teacher": []}
+        for seed in seeds:
+            result = final_metrics(dirs[name, seed])
+            if not result:
+                continue
+            row["seeds"].append(seed)
+            for model in ("student", "teacher"):
+                if model in result:
+                    row[model].append(100 * result[model]["AP"])
+        for model in ("student", "teacher"):
+            if row[model]:
+                row[f"{model}_mean"], row[f"{model}_std"] = mean_std(row[model])
+        summary[name] = row
+    for name, row in summary.items():  # the gap closed and the gain's significance, against the baselines
+        low = summary.get(f"supervised_{row['detector']}_{percent:g}pct", {})
+        high = summary.get(f"supervised_{row['detector']}_100pct", {})
+        if row["method"] == "supervised" or "student_mean" not in low:
+            continue
+        for model in ("student", "teacher"):
+            if f"{model}_mean" not in row:
+                continue
+            gain = row[f"{model}_mean"] - low["student_mean"]
+            pooled = math.sqrt((row[f"{model}_std"] ** 2 + low["student_std"] ** 2) / 2)
+            row[f"{model}_gain"] = gain
+            row[f"{model}_significant"] = bool(gain > 2 * pooled) if not math.isnan(pooled) else None
+            if "student_mean" in high and high["student_mean"] > low["student_mean"]:
+                row[f"{model}_gap_closed"] = gain / (high["student_mean"] - low["student_mean"])
+    return summary
+
+
+def _cell(row: dict, model: str) -> str:
+    if f"{model}_mean" not in row:
+        return "-"
+    std = row[f"{model}_std"]
+    return f"{row[f'{model}_mean']:.1f} ± {std:.1f}" if not math.isnan(std) else f"{row[f'{model}_mean']:.1f}"
+
+
+def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine: str, dataset_seed: int) -> str:
+    lines = [f"| row | detector | labels | seeds | student AP | teacher AP | gain over supervised | gap closed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in summary.items():
+        model = "teacher" if "teacher_mean" in row else "student"
+        gain, gap = "", ""
+        if f"{model}_gain" in row:
+            mark = {True: " (counts)", False: " (within noise)", None: ""}[row[f"{model}_significant"]]
+            gain = f"{row[f'{model}_gain']:+.1f}{mark}"
+        if f"{model}_gap_closed" in row:
+            gap = f"{100 * row[f'{model}_gap_closed']:.0f}%"
+        lines.append(f"| {name} | {row['detector']} | {row['percent']:g}% | {len(row['seeds'])} | "
+                     f"{_cell(row, 'student')} | {_cell(row, 'teacher')} | {gain} | {gap} |")
+    header = [
+        "# Results on the built-in benchmark",
+        "",
+        f"Written by `python bench/benchmark.py` on {time.strftime('%Y-%m-%d')}: the built-in dataset (generator "
+        f"seed {dataset_seed}), {percent:g}% of the labels as the headline fraction, {max_iter} iterations, COCO AP "
+        f"(AP50:95, %) of the final model on all validation images. Each cell is the mean ± sample std over the "
+        f"seeds; a gain counts where it exceeds twice the pooled std of the method and its supervised baseline. "
+        f"The gap closed is (method - supervised at {percent:g}%) / (supervised at 100% - supervised at "
+        f"{percent:g}%), on the teacher for the methods.",
+        "",
+        f"Machine: {machine}.",
+        "",
+    ]
+    return "\n".join(header + lines) + "\n"
+
+
+def bar_chart(summary: dict[str, dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench/benchmark.py: matplotlib is not installed; no bar chart (pip install matplotlib)")
+        return False
+    names = [n for n, r in summary.items() if "student_mean" in r]
+    models = [("teacher" if "teacher_mean" in summary[n] else "student") for n in names]
+    means = [summary[n][f"{m}_mean"] for n, m in zip(names, models)]
+    stds = [0 if math.isnan(summary[n][f"{m}_std"]) else summary[n][f"{m}_std"] for n, m in zip(names, models)]
+    colours = ["#999999" if summary[n]["method"] == "supervised" else "#3572b0" for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(names)), 4.5))
+    ax.bar(range(len(names)), means, yerr=stds, capsize=3, color=colours)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("COCO AP (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per row (0..N-1)")
+    parser.add_argument("--percent", type=float, default=BUILTIN_PERCENT, help="the headline label fraction")
+    parser.add_argument("--max-iter", type=int, default=BENCHMARK_ITERATIONS)
+    parser.add_argument("--rows", default="", help="only the rows whose name contains this text")
+    parser.add_argument("--ablations", action="store_true", help="add the papers' ablations in miniature")
+    parser.add_argument("--dataset-seed", type=int, default=0, help="the built-in dataset's generator seed")
+    parser.add_argument("--vary-fold", action="store_true", help="seed s also takes the labeled split's fold s+1")
+    parser.add_argument("--out", default="", help="default: runs/benchmark[_data<N>]")
+    parser.add_argument("--doc", default="", help="default: docs/RESULTS (seed 0) or docs/RESULTS_data<N>")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run; 0: cores / jobs")
+    parser.add_argument("--list", action="store_true", help="print the rows and their commands, run nothing")
+    parser.add_argument("--report-only", action="store_true", help="write the table from the finished runs")
+    parser.add_argument("--extra", default="", help="more train.py flags for every run, one string")
+    args = parser.parse_args(argv)
+
+    suffix = f"_data{args.dataset_seed}" if args.dataset_seed else ""
+    out = Path(args.out or f"runs/benchmark{suffix}")
+    doc = Path(args.doc or ROOT / "docs" / f"RESULTS{suffix}")
+    seeds = list(range(args.seeds))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    runs = {name: argv for name, argv in rows(args.percent, args.max_iter, ablations=args.ablations).items()
+            if args.rows in name}
+    if not runs:
+        raise SystemExit(f"bench/benchmark.py: no row name contains --rows {args.rows!r}")
+    extra = [*shlex.split(args.extra), *(["--builtin-spec", f"seed={args.dataset_seed}"] if args.dataset_seed else [])]
+    commands, dirs = {}, {}
+    for name, row_argv in runs.items():
+        for seed in seeds:
+            fold = ["--fold", str(seed + 1)] if args.vary_fold else []
+            commands[f"{name}/seed{seed}"] = [*row_argv, "--seed", str(seed), *fold, *extra]
+            dirs[name, seed] = out / name / f"seed{seed}"
+    if args.list:
+        for key, command in commands.items():
+            print(f"{key}: python train.py {shlex.join(command)}")
+        return
+    if not args.report_only:
+        flat_dirs = {key: dirs[key.split("/seed")[0], int(key.split("/seed")[1])] for key in commands}
+        for path in flat_dirs.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        # Seed-major order: every row gets its first seed before any row gets its second.
+        order = sorted(commands, key=lambda key: (int(key.split("/seed")[1]), list(runs).index(key.split("/")[0])))
+        run_all({key: commands[key] for key in order}, dirs=flat_dirs, jobs=args.jobs, threads=threads)
+
+    summary = summarise(runs, dirs, seeds, args.percent)
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.jobs} run(s) at a time "
+               f"with {threads} torch thread(s) each")
+    text = markdown(summary, percent=args.percent, max_iter=args.max_iter, machine=machine,
+                    dataset_seed=args.dataset_seed)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    if bar_chart(summary, doc.with_suffix(".png")):
+        text += f"\n![results]({doc.with_suffix('.png').name})\n"
+    doc.with_suffix(".md").write_text(text)
+    doc.with_suffix(".json").write_text(json.dumps(
+        {"percent": args.percent, "max_iter": args.max_iter, "dataset_seed": args.dataset_seed, "machine": machine,
+         "rows": summary}, indent=1) + "\n")
+    print(text)
+    print(f"bench/benchmark.py: wrote {doc.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

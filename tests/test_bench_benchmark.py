@@ -1,0 +1,93 @@
+"""bench/benchmark.py: rows over seeds, mean +- std, the gap closed, the 2-std rule, and what train.py quotes."""
+
+import json
+import math
+
+import pytest
+
+from bench import benchmark
+from engine import results as results_module
+from engine.config import parse_config
+from tests.test_bench_compare import finished_run
+
+MAX_ITER = 40
+
+
+def fill(out, name, aps, teacher=None):
+    for seed, ap in enumerate(aps):
+        finished_run(out / name / f"seed{seed}", max_iter=MAX_ITER, student_ap=ap,
+                     teacher_ap=None if teacher is None else teacher[seed])
+
+
+def test_every_row_is_listed_with_its_seed_and_the_methods_schedule(capsys):
+    benchmark.main(["--list", "--max-iter", str(MAX_ITER), "--seeds", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    names = {line.split(":")[0] for line in lines}
+    for detector in ("faster_rcnn", "fcos", "retinanet"):
+        assert f"supervised_{detector}_10pct/seed1" in names and f"supervised_{detector}_100pct/seed0" in names
+    assert {"soft_teacher_faster_rcnn/seed0", "dense_teacher_fcos/seed0", "dense_teacher_retinanet/seed0",
+            "sed_faster_rcnn/seed0", "sed_fcos/seed0", "sed_retinanet/seed0"} <= names
+    assert len(lines) == 2 * (6 + 6)  # 6 supervised rows and 6 method rows, two seeds each
+    sup = next(line for line in lines if line.startswith("supervised_faster_rcnn_10pct/seed1"))
+    assert "--seed 1" in sup and "--milestones" in sup and f"--max-iter {MAX_ITER}" in sup
+
+
+def test_ablations_and_dataset_seed_reach_the_command_lines(capsys):
+    benchmark.main(["--list", "--ablations", "--rows", "soft_teacher", "--dataset-seed", "3", "--seeds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any("no_bg_weighting" in line and "soft_background=false" in line for line in lines)
+    assert all("--builtin-spec seed=3" in line for line in lines)
+
+
+def test_table_reports_mean_std_gap_and_the_two_std_rule(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "run_all", lambda *a, **k: pytest.fail("--report-only ran something"))
+    out, doc = tmp_path / "runs", tmp_path / "docs" / "RESULTS"
+    fill(out, "supervised_faster_rcnn_10pct", [0.30, 0.32, 0.34])
+    fill(out, "supervised_faster_rcnn_100pct", [0.50, 0.50, 0.50])
+    fill(out, "soft_teacher_faster_rcnn", [0.38, 0.40, 0.42], teacher=[0.40, 0.42, 0.44])
+    benchmark.main(["--report-only", "--rows", "faster_rcnn", "--max-iter", str(MAX_ITER), "--out", str(out),
+                    "--doc", str(doc)])
+    table = json.loads(doc.with_suffix(".json").read_text())
+    rows = table["rows"]
+    sup = rows["supervised_faster_rcnn_10pct"]
+    assert sup["student_mean"] == pytest.approx(32.0) and sup["student_std"] == pytest.approx(2.0)
+    st = rows["soft_teacher_faster_rcnn"]
+    assert st["teacher_mean"] == pytest.approx(42.0) and st["teacher_gain"] == pytest.approx(10.0)
+    assert st["teacher_gap_closed"] == pytest.approx(10 / 18)
+    assert st["teacher_significant"] is True  # 10 > 2 * 2
+    assert "sed_faster_rcnn" in rows and not rows["sed_faster_rcnn"]["seeds"]  # listed, not run
+    text = doc.with_suffix(".md").read_text()
+    assert "42.0 ± 2.0" in text and "+10.0 (counts)" in text and "56%" in text
+
+
+def test_a_gain_within_twice_the_pooled_std_does_not_count(tmp_path):
+    out, doc = tmp_path / "runs", tmp_path / "RESULTS"
+    fill(out, "supervised_fcos_10pct", [0.30, 0.34, 0.38])
+    fill(out, "dense_teacher_fcos", [0.33, 0.37, 0.41], teacher=[0.33, 0.37, 0.41])
+    benchmark.main(["--report-only", "--rows", "fcos", "--max-iter", str(MAX_ITER), "--out", str(out),
+                    "--doc", str(doc)])
+    row = json.loads(doc.with_suffix(".json").read_text())["rows"]["dense_teacher_fcos"]
+    assert row["teacher_gain"] == pytest.approx(3.0) and row["teacher_significant"] is False
+    assert "teacher_gap_closed" not in row  # no 100% run: no gap
+
+
+def test_train_quotes_the_baseline_of_the_same_preset_only(tmp_path):
+    table = {"percent": 10.0, "max_iter": 800, "dataset_seed": 0, "rows": {
+        "supervised_faster_rcnn_10pct": {"seeds": [0, 1, 2], "student_mean": 30.0, "student_std": 1.5},
+        "supervised_faster_rcnn_100pct": {"seeds": [0, 1, 2], "student_mean": 50.0, "student_std": 0.5},
+        "soft_teacher_faster_rcnn": {"seeds": [0, 1, 2], "teacher_mean": 40.0, "teacher_std": 1.0}}}
+    path = tmp_path / "RESULTS.json"
+    path.write_text(json.dumps(table))
+    cfg = parse_config(["--method", "soft_teacher", "--max-iter", "800"])
+    found = results_module.baseline_for(cfg, path)
+    assert found["supervised"].mean == 30.0 and found["full"].mean == 50.0 and found["method"].mean == 40.0
+    assert results_module.format_reference(found["supervised"]) == "30.0 ± 1.5 AP over 3 seed(s)"
+    # Another schedule, fraction or drawing of the data is not comparable.
+    assert results_module.baseline_for(parse_config(["--method", "soft_teacher", "--max-iter", "400"]), path) == {}
+    assert results_module.baseline_for(parse_config(["--method", "soft_teacher", "--max-iter", "800",
+                                                     "--percent", "5"]), path) == {}
+    assert results_module.baseline_for(parse_config(["--method", "soft_teacher", "--max-iter", "800",
+                                                     "--builtin-spec", "seed=2"]), path) == {}
+    assert results_module.baseline_for(cfg, tmp_path / "missing.json") == {}
+    one_seed = results_module.Reference("x", 30.0, math.nan, 1)
+    assert results_module.format_reference(one_seed) == "30.0 AP over 1 seed(s)"
