@@ -1,7 +1,7 @@
 """The built-in benchmark: every row of the results table over seeds, written to docs/RESULTS.md.
 
     python bench/benchmark.py --jobs 2                    # the main table: 3 seeds per row, resumable
-    python bench/benchmark.py --rows soft_teacher         # only the rows whose name contains this
+    python bench/benchmark.py --rows supervised_fcos soft # only the rows whose name contains one of these
     python bench/benchmark.py --ablations --jobs 2        # the papers' ablations in miniature, on top
     python bench/benchmark.py --dataset-seed 1            # the same table on another drawing of the data
     python bench/benchmark.py --list                      # the rows and their command lines, nothing run
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row (0..N-1)")
     parser.add_argument("--percent", type=float, default=BUILTIN_PERCENT, help="the headline label fraction")
     parser.add_argument("--max-iter", type=int, default=BENCHMARK_ITERATIONS)
-    parser.add_argument("--rows", default="", help="only the rows whose name contains this text")
+    parser.add_argument("--rows", nargs="*", default=[], help="only the rows whose name contains one of these texts")
     parser.add_argument("--ablations", action="store_true", help="add the papers' ablations in miniature")
     parser.add_argument("--dataset-seed", type=int, default=0, help="the built-in dataset's generator seed")
     parser.add_argument("--vary-fold", action="store_true", help="seed s also takes the labeled split's fold s+1")
@@ -225,9 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(range(args.seeds))
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     runs = {name: argv for name, argv in rows(args.percent, args.max_iter, ablations=args.ablations).items()
-            if args.rows in name}
+            if not args.rows or any(text in name for text in args.rows)}
     if not runs:
-        raise SystemExit(f"bench/benchmark.py: no row name contains --rows {args.rows!r}")
+        raise SystemExit(f"bench/benchmark.py: no row name contains any of --rows {args.rows}")
     extra = [*shlex.split(args.extra), *(["--builtin-spec", f"seed={args.dataset_seed}"] if args.dataset_seed else [])]
     commands, dirs = {}, {}
     for name, row_argv in runs.items():

@@ -220,25 +220,20 @@ class ProcessBatch(NamedTuple):
     unlabeled: int  # 0 for supervised runs
 
 
-# The built-in dataset's two schedules. The main job (`python train.py --method soft_teacher --percent 10`)
-# takes the short one by default and finishes in well under 15 minutes on this 2-core CPU; the figures of the
-# README take the benchmark one (`bench/compare.py`), where the 100% models have converged (METHODS.md, last
-# section). Every schedule setting below is a fraction of max_iter, so any --max-iter scales the whole run.
+# The built-in benchmark's schedule: the main job (`python train.py --method soft_teacher --percent 10`) is one
+# row of the results table (docs/RESULTS.md, `bench/benchmark.py`). Every schedule setting of the preset is a
+# fraction of max_iter, so any --max-iter scales the whole run. Why each value: docs/BENCHMARK.md.
 BUILTIN_ITERATIONS = 800
-BENCHMARK_ITERATIONS = 800
-BUILTIN_PERCENT = 10.0  # the headline label fraction of the results table (docs/RESULTS.md)
+BENCHMARK_ITERATIONS = BUILTIN_ITERATIONS
+BUILTIN_PERCENT = 10.0  # the headline label fraction of the results table
 
 
 def builtin_preset(method: str, detector: str, max_iter: int = BUILTIN_ITERATIONS) -> Config:
-    """The built-in dataset (128 px images, objects 12-96 px) on this 2-core CPU.
+    """The built-in dataset (128 px images, 12 classes, objects 10-80 px) on a 2-core CPU (docs/BENCHMARK.md).
 
-    ResNet-18 with a 64-channel FPN from scratch. The objects are about 4x smaller than COCO's, so Faster
-    R-CNN's anchors are COCO's / 4; the dense detectors' anchors and FCOS ranges are COCO's / 2 (see below
-    why). 8 labeled images per iteration (4 learned much less per iteration in tuning runs) and, for the
-    methods, 4 unlabeled. A detector trained from scratch learns slowly at first (Faster R-CNN: about 7 AP
-    after 500 iterations); at BENCHMARK_ITERATIONS the 100% model is near convergence, and 10% of the labels
-    (300 images, each seen about 50 times) reaches well under what 100% does. The methods' schedules (burn-in,
-    ramp, the teacher's start) are fractions of `max_iter`, tuned at BENCHMARK_ITERATIONS.
+    ResNet-18 pretrained on generated glyphs (`engine/pretrain.py`, the built-in stand-in for ImageNet: stem
+    and layer1 frozen, frozen BatchNorm, as the papers do) with a 64-channel FPN. Anchors and FCOS ranges are
+    scaled to the small images. 8 labeled images per iteration and, for the methods, 4 unlabeled.
     """
     def at(fraction: float) -> int:  # an iteration of the run, as a fraction of max_iter
         return round(fraction * max_iter)
@@ -247,82 +242,38 @@ def builtin_preset(method: str, detector: str, max_iter: int = BUILTIN_ITERATION
         dataset="builtin", detector=detector, method=method,
         train_sizes=[96, 112, 128, 144, 160], train_max_size=256, test_size=128, test_max_size=256,
         backbone="resnet18", backbone_pretrain="glyphs", trainable_layers=3, fpn_channels=64, head_convs=4,
-        # Base anchor size per level. Faster R-CNN P2-P6: COCO's 32..512 / 4. RetinaNet P3-P7: COCO's / 2, for
-        # the reason of the FCOS ranges below.
+        # Base anchor sizes: Faster R-CNN P2-P6 at COCO's 32..512 / 4; RetinaNet P3-P7 at COCO's / 2, as FCOS's
+        # ranges (32, 64, 128, 256), since at / 4 an object's few positives split over several levels.
         anchor_sizes=[8, 16, 32, 64, 128] if detector == "faster_rcnn" else [16, 32, 64, 128, 256],
-        # FCOS size-of-interest bounds 32, 64, 128, 256 (COCO: 64, 128, 256, 512). At COCO's / 4 an object's
-        # locations split over two or three levels with only a few positives each, and from scratch FCOS
-        # learned about 4x slower (2.1 AP after 500 iterations at 100% of the labels, against 3.7 after 300
-        # at / 2); the same holds for RetinaNet's anchors, whose IoU >= 0.5 matches are rare when the anchor
-        # is no larger than its stride.
         fcos_range_multiplier=0.5,
-        # GroupNorm in RetinaNet's towers (torchvision's v2 head): without a norm, 64 channels and the paper's
-        # N(0, 0.01) init shrink a tower's output to about 1e-3 of its input. FCOS keeps its 32 groups.
-        head_norm_groups=16 if detector == "retinanet" else -1,
-        # From scratch at lr 0.02 the ReLU on FCOS's distances died in a tuning run (GIoU loss stuck at 1).
-        fcos_box_activation="exp",
+        head_norm_groups=16 if detector == "retinanet" else -1,  # a norm in RetinaNet's 64-channel towers
+        fcos_box_activation="exp",  # the FCOS paper's: its distances cannot die at a high lr
         roi_canonical_scale=56,  # COCO's 224 / 4
         box_head_dim=256, rpn_pre_nms_train=1000, rpn_pre_nms_test=1000, rpn_post_nms_train=300,
         rpn_post_nms_test=300, roi_batch_size=128,
         labeled_batch=8, unlabeled_batch=0 if method == "supervised" else 4,
         lr=0.02, warmup_iters=100, milestones=[2 / 3, 8 / 9], max_iter=max_iter, clip_grad_norm=10.0,
-        eval_period=500, eval_max_images=200, checkpoint_period=500, log_period=20, draw_period=250,
+        eval_period=200, eval_max_images=200, checkpoint_period=200, log_period=20, draw_period=0,
         num_workers=0,
     )
-    # The methods' schedules, scaled from COCO's 180k iterations. The teachers average over about 100
-    # iterations (EMA 0.99) instead of COCO's 1k-2.5k, so that they keep up with a student that learns most
-    # of what it knows in the second half of the run. Figures below: runs of BENCHMARK_ITERATIONS.
+    # The methods start after a supervised burn-in of a quarter of the run (the papers start from ImageNet
+    # weights and a far longer schedule), and their teachers average over about 100 iterations (EMA 0.99).
     if method == "soft_teacher":
-        # A supervised burn-in over the first half, which Soft Teacher does not have on COCO: there the student
-        # starts from ImageNet weights and its teacher is useful within a few hundred of 180k iterations. From
-        # scratch the scores stay low while the lr is high: in a run with burn-in 700 (of 2000) and the paper's
-        # 0.9 thresholds, the teacher scored 1.1 boxes per val image above 0.5 but 0.02 above 0.9 at iteration
-        # 1000, no unlabeled image got a pseudo-box before iteration ~1100, the unsupervised loss taught only
-        # background until then (RPN included), and the student ended 4.2 AP under the supervised 10% run.
-        # Hence a later start and 0.7 thresholds for the RPN and RoI classification pseudo-boxes (the paper's
-        # Table 8 compares 0.5-0.95 on COCO; `--method-args cls_score_thr=0.9 rpn_score_thr=0.9` restores the
-        # paper's). Unsupervised weight 1, not the paper's 4 (with 1 labeled + 4 unlabeled images per GPU
-        # there, 8 + 4 here): at 4 the student's supervised classification loss stayed about twice the
-        # supervised run's and it ended at 40.5 AP, against 47.1 supervised; at 1 it ended at 49.4.
-        cfg.method_args = {"ema_max_momentum": 0.99, "burn_in": at(0.5), "ramp": at(0.1),
+        # Thresholds 0.7 (the paper's Table 8 spans 0.5-0.95) and unsupervised weight 1 (the paper's 4 with
+        # 4x as many unlabeled as labeled images per GPU; here 1:2): docs/BENCHMARK.md.
+        cfg.method_args = {"ema_max_momentum": 0.99, "burn_in": at(0.25), "ramp": at(0.05),
                            "rpn_score_thr": 0.7, "cls_score_thr": 0.7, "unsup_weight": 1.0}
     if method == "dense_teacher":
-        # COCO: teacher copied at 3k, burn-in 5k, ramp 5k (of 180k), weights 4 / 1 / 1, region 1% of the rows.
-        # On COCO, 1% of an 800 x 1333 image's ~20k locations is roughly 1-2x FCOS's positives; here FCOS's
-        # positives are 7.2% of its locations and RetinaNet's 0.8% of its anchors (`bench/level_usage.py`),
-        # so 8% is "1%" for FCOS. From scratch, every departure towards a later, lighter unsupervised loss
-        # and a larger region lost less to supervised training (FCOS, 10%, 2000 iterations, student AP against
-        # 31.1 supervised): teacher and burn-in at 700 with 4 / 1 / 1 and 8%: 10.5; at 1000: 12.3; at 1000 with
-        # 1 / 0.25 / 0.25: 22.8; the same with 40% (COCO's "5%"): 27.8; with every row in the region: 28.1;
-        # at 1333 with every row: 29.2. Hence the teacher at half the run, a quarter of the paper's weights,
-        # and a region of about 5-10x the positives: 40% of FCOS's locations, 8% of RetinaNet's anchors.
-        # Those runs predate `norm_stats`; with it (BatchNorm statistics from the labeled weak view alone) the
-        # same settings reached 31.8 on FCOS and 14.4 on RetinaNet, against 29.1 and 15.8 supervised on the same
-        # machine, and the region still ranks the same way on FCOS: 18.3 at 0.8%, 27.5 at 8%, 31.7 with every
-        # row (README, "Status").
-        cfg.method_args = {"teacher_init": at(0.5), "burn_in": at(0.5), "ramp": at(0.1), "ema_momentum": 0.99,
+        # A quarter of the paper's loss weights, and a region of about 5x the positives (the paper's 1% of
+        # COCO's locations is about their number; FCOS's positives here are 13% of its locations).
+        cfg.method_args = {"teacher_init": at(0.25), "burn_in": at(0.25), "ramp": at(0.05), "ema_momentum": 0.99,
                            "weight_cls": 1.0, "weight_box": 0.25, "weight_quality": 0.25,
                            "ratio": 0.4 if detector == "fcos" else 0.08}
     if method == "sed":
-        # SED has no burn-in on COCO, where the student starts from ImageNet weights. From scratch, Soft Teacher
-        # and Dense Teacher both lost to supervised training when their unsupervised loss started early (see
-        # above), so SED takes Soft Teacher's burn-in and ramp here; `--method-args burn_in=0 ramp=0` gives the
-        # paper's schedule (not measured here). Eq. 1's lambda_s = lambda_d = 1 pulled far harder than the
-        # supervised loss here (`bench/loss_balance.py` at the end of burn-in: Faster R-CNN's unsupervised terms
-        # had 22x the supervised gradient norm, most of it Eq. 5's re-weighted RPN KL on 128 px images with ~1/50
-        # of COCO's anchors per bin; FCOS's 4.5x, most of it the box L2 over every location), and Faster R-CNN
-        # collapsed. Hence one lambda_s = lambda_d per detector that brings the two norms near each other.
-        # Measured (10%, 2000 iterations, student AP; README, "Status"): Faster R-CNN 43.3 at 0.02, 41.2 at 0.1,
-        # 7.5 at 1 (supervised 47.1: no collapse, still under; on a second machine 47.6 against 48.9, and 49.6
-        # without the RPN terms, `rpn_terms=false`: their re-weighted KLs pull 6x as hard as the supervised RPN
-        # loss, nearly converged, on the objectness layer);
-        # FCOS 30.5 at 0.25, 29.4 at 1 (supervised 31.1);
-        # RetinaNet 16.3 at 0.5, 15.8 at 1, where its unsupervised norm was 1.5x the supervised one (supervised
-        # 15.8 on the machine of these two runs, 16.9 on the machine of the other figures).
-        # 300 RoIs per view (the preset's proposals), not COCO's 1000; padding to a multiple of 2 * 32 px
-        # (METHODS.md allows the coarsest stride, 128, which would double a 128 px batch).
+        # lambda_s = lambda_d per detector, from the gradient balance of `bench/loss_balance.py`; 300 RoIs per
+        # view (the preset's proposals); padding to 2 x 32 px.
         weight = {"faster_rcnn": 0.02, "fcos": 0.25, "retinanet": 0.5}[detector]
-        cfg.method_args = {"roi_topk": 300, "pad_stride": 32, "burn_in": at(0.5), "ramp": at(0.1),
+        cfg.method_args = {"roi_topk": 300, "pad_stride": 32, "burn_in": at(0.25), "ramp": at(0.05),
                            "lambda_scale": weight, "lambda_distill": weight}
     return cfg
 

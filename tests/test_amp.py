@@ -35,7 +35,7 @@ BF16 = torch.bfloat16
 
 
 def tiny_config(builtin_dir, output_dir, method, **overrides):
-    settings = dict(method=method, builtin_dir=str(builtin_dir), builtin_spec=SPEC, output_dir=str(output_dir),
+    settings = dict(method=method, builtin_dir=str(builtin_dir), backbone_pretrain="", builtin_spec=SPEC, output_dir=str(output_dir),
                     percent=50.0, train_sizes=[96], train_max_size=96, test_size=96, test_max_size=96,
                     fpn_channels=32, head_convs=1, labeled_batch=2, unlabeled_batch=2, lr=0.01, warmup_iters=1,
                     milestones=[0.5], max_iter=3, eval_period=1000, checkpoint_period=1000, log_period=1, threads=1,

@@ -37,7 +37,7 @@ def run_table(checkpoint, capsys, *extra) -> dict[str, dict[str, float]]:
 
 
 def test_sed_terms_scale_with_their_lambda(builtin_dir, tmp_path, capsys):
-    cfg = resolve_config(dict(method="sed", detector="fcos", builtin_dir=str(builtin_dir), builtin_spec=SPEC,
+    cfg = resolve_config(dict(method="sed", detector="fcos", builtin_dir=str(builtin_dir), backbone_pretrain="", builtin_spec=SPEC,
                               output_dir=str(tmp_path), percent=50.0, train_sizes=[64], train_max_size=64,
                               test_size=64, test_max_size=64, fpn_channels=32, head_convs=1, labeled_batch=2,
                               unlabeled_batch=2, lr=0.01, warmup_iters=1, milestones=[0.5], max_iter=2,
@@ -57,7 +57,7 @@ def test_sed_terms_scale_with_their_lambda(builtin_dir, tmp_path, capsys):
 
 
 def test_a_supervised_checkpoint_needs_a_method_and_gets_the_student_as_teacher(builtin_dir, tmp_path, capsys):
-    cfg = resolve_config(dict(method="supervised", detector="fcos", builtin_dir=str(builtin_dir), builtin_spec=SPEC,
+    cfg = resolve_config(dict(method="supervised", detector="fcos", builtin_dir=str(builtin_dir), backbone_pretrain="", builtin_spec=SPEC,
                               output_dir=str(tmp_path), percent=50.0, train_sizes=[64], train_max_size=64,
                               test_size=64, test_max_size=64, fpn_channels=32, head_convs=1, labeled_batch=2,
                               max_iter=1, eval_period=1000, checkpoint_period=1000, threads=1))
@@ -88,7 +88,7 @@ def test_a_supervised_checkpoint_needs_a_method_and_gets_the_student_as_teacher(
 def test_a_checkpoint_before_the_teachers_start_gets_the_student_as_teacher(builtin_dir, tmp_path, capsys):
     # Dense Teacher copies the student into the teacher at iteration teacher_init, after the checkpoint of that
     # iteration was written: the bench must do the same, or it measures an untrained teacher's targets.
-    cfg = resolve_config(dict(method="dense_teacher", detector="fcos", builtin_dir=str(builtin_dir),
+    cfg = resolve_config(dict(method="dense_teacher", detector="fcos", builtin_dir=str(builtin_dir), backbone_pretrain="",
                               builtin_spec=SPEC, output_dir=str(tmp_path), percent=50.0, train_sizes=[64],
                               train_max_size=64, test_size=64, test_max_size=64, fpn_channels=32, head_convs=1,
                               labeled_batch=2, unlabeled_batch=2, lr=0.01, warmup_iters=1, milestones=[0.5],

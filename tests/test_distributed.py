@@ -62,7 +62,7 @@ def backbone_weights(tmp_path_factory):
 
 def settings(builtin_dir, output_dir, **overrides) -> dict:
     """FCOS with a ResNet-18 / 32-channel FPN and one conv per head tower, 64 px images, global batch 4 (+ 4)."""
-    return dict(builtin_dir=str(builtin_dir), builtin_spec=SPEC, output_dir=str(output_dir), detector="fcos",
+    return dict(builtin_dir=str(builtin_dir), backbone_pretrain="", builtin_spec=SPEC, output_dir=str(output_dir), detector="fcos",
                 percent=50.0, train_sizes=[64], train_max_size=64, test_size=64, test_max_size=64,
                 fpn_channels=32, head_convs=1, labeled_batch=4, lr=0.01, warmup_iters=1, milestones=[0.75],
                 max_iter=4, eval_period=1000, checkpoint_period=2, keep_checkpoints=0, log_period=1, threads=1,

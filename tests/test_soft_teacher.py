@@ -424,7 +424,7 @@ def test_short_soft_teacher_run_through_train_py(tmp_path):
     ensure_builtin(tmp_path / "data", spec=BuiltinSpec(**spec), num_workers=0, verbose=False)
     # Thresholds 0 so that the untrained teacher's boxes reach every loss term in 3 iterations.
     cfg = resolve_config(dict(
-        method="soft_teacher", builtin_dir=str(tmp_path / "data"), builtin_spec=spec, output_dir=str(tmp_path / "run"),
+        method="soft_teacher", builtin_dir=str(tmp_path / "data"), backbone_pretrain="", builtin_spec=spec, output_dir=str(tmp_path / "run"),
         percent=25.0, train_sizes=[64], train_max_size=64, test_size=64, test_max_size=64, fpn_channels=16,
         box_head_dim=32, rpn_pre_nms_train=100, rpn_post_nms_train=50, rpn_pre_nms_test=100, rpn_post_nms_test=50,
         roi_batch_size=32, labeled_batch=1, unlabeled_batch=2, max_iter=3, warmup_iters=1, eval_period=1000,

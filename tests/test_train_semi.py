@@ -29,7 +29,7 @@ TINY_FASTER_RCNN = dict(box_head_dim=32, rpn_pre_nms_train=100, rpn_pre_nms_test
 
 
 def tiny_semi_config(builtin_dir, output_dir, method, **overrides):
-    settings = dict(method=method, detector=PAPER_DETECTOR[method], builtin_dir=str(builtin_dir), builtin_spec=SPEC,
+    settings = dict(method=method, detector=PAPER_DETECTOR[method], builtin_dir=str(builtin_dir), backbone_pretrain="", builtin_spec=SPEC,
                     output_dir=str(output_dir), percent=50.0, train_sizes=[64], train_max_size=64, test_size=64,
                     test_max_size=64, fpn_channels=32, head_convs=1, labeled_batch=2, unlabeled_batch=2, lr=0.01,
                     warmup_iters=1, milestones=[0.5], max_iter=3, eval_period=1000, checkpoint_period=1000,

@@ -26,8 +26,8 @@ SPEC = dict(num_train=16, num_val=4, image_size=64, min_size=8, max_size=40, max
 
 def tiny_config(builtin_dir, output_dir, **overrides) -> Config:
     """Supervised FCOS, ResNet-18 with a 32-channel FPN and one conv per head tower, 64 px images."""
-    settings = dict(builtin_dir=str(builtin_dir), builtin_spec=SPEC, output_dir=str(output_dir), percent=50.0,
-                    train_sizes=[64], train_max_size=64, test_size=64, test_max_size=64, fpn_channels=32,
+    settings = dict(builtin_dir=str(builtin_dir), backbone_pretrain="", builtin_spec=SPEC, output_dir=str(output_dir),
+                    percent=50.0, train_sizes=[64], train_max_size=64, test_size=64, test_max_size=64, fpn_channels=32,
                     head_convs=1, labeled_batch=2, lr=0.01, warmup_iters=2, milestones=[0.75], max_iter=4,
                     eval_period=1000, checkpoint_period=2, log_period=1, threads=1, seed=0)
     return resolve_config(settings | overrides)
@@ -42,6 +42,27 @@ def uninterrupted(builtin_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run_a")
     results = train.train(tiny_config(builtin_dir, run_dir))
     return run_dir, results
+
+
+def test_glyph_pretrained_backbone_is_taken_from_the_cache(builtin_dir, tmp_path, monkeypatch):
+    """--backbone-pretrain glyphs uses the cached weights of engine.pretrain's spec (pretrained once, not here):
+    the run records their path, and the student starts from them with the stem and layer1 frozen."""
+    import torchvision
+
+    from engine.pretrain import PretrainSpec, weights_path
+
+    monkeypatch.setenv("SSOD_CACHE", str(tmp_path / "cache"))
+    path = weights_path(PretrainSpec(arch="resnet18"))
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    torch.save(state, path)
+    run_dir = tmp_path / "run"
+    train.train(tiny_config(builtin_dir, run_dir, backbone_pretrain="glyphs", max_iter=1, checkpoint_period=1))
+    assert json.loads((run_dir / "config.json").read_text())["backbone_weights"] == str(path)
+    model = load_checkpoint(run_dir / "last.pth")["model"]
+    stem = next(v for k, v in model.items() if k.endswith("conv1.weight") and "layer" not in k)
+    assert torch.equal(stem, state["conv1.weight"])  # frozen: still the cached weights after a step
 
 
 def test_lr_schedule():

@@ -115,7 +115,7 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("tta")
     ensure_builtin(root / "builtin", spec=BuiltinSpec(**SPEC), num_workers=0, verbose=False)
     cfg = resolve_config(dict(
-        builtin_dir=str(root / "builtin"), builtin_spec=SPEC, output_dir=str(root / "run"), percent=50.0,
+        builtin_dir=str(root / "builtin"), backbone_pretrain="", builtin_spec=SPEC, output_dir=str(root / "run"), percent=50.0,
         train_sizes=[64], train_max_size=64, test_size=64, test_max_size=64, fpn_channels=32, head_convs=1,
         labeled_batch=2, lr=0.01, warmup_iters=1, max_iter=2, eval_period=1000, checkpoint_period=2, log_period=1,
         threads=1, seed=0))
