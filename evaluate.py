@@ -25,11 +25,12 @@ import torch
 import detectors
 from data.coco import CocoDetection
 from data.loader import build_val_loader, collate
-from data.transforms import build_eval_transform, warp_boxes
+from data.transforms import build_eval_transform
 from engine.checkpoint import load_checkpoint, load_model_state
 from engine.config import Config, dataset_files, detector_kwargs
 from engine.evaluation import evaluate, evaluate_multiscale, load_coco
 from engine.visualize import save_boxes
+from structures import warp_boxes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

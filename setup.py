@@ -100,6 +100,7 @@ setup(
     description="Semi-supervised object detection in plain PyTorch: Soft Teacher, Dense Teacher and SED",
     python_requires=">=3.10",
     packages=["detectors", "semi", "data", "engine"],
+    py_modules=["structures"],  # batch types and box geometry, imported by every package
     install_requires=["torch", "torchvision", "numpy", "pycocotools", "pillow", "tqdm", "ninja"],
     # Optional: TensorBoard event files (train.py --tensorboard) and the plots of `python -m engine.plot`.
     extras_require={"tb": ["tensorboard"], "plot": ["matplotlib"]},

@@ -40,7 +40,7 @@ from torch import Tensor
 import detectors
 import semi
 from data.coco import CocoDetection, load_unlabeled
-from data.loader import Batch, UnlabeledBatch, build_train_loaders, build_val_loader
+from data.loader import build_train_loaders, build_val_loader
 from data.splits import make_split, split_from_file, with_extra_unlabeled
 from data.transforms import build_eval_transform, build_labeled_transform, build_unlabeled_transform
 from detectors.precision import mixed_precision
@@ -54,6 +54,7 @@ from engine.pretrain import PretrainSpec, ensure_pretrained_backbone
 from engine.results import baseline_for, format_reference
 from semi.core import draw_pseudo_labels, frozen_norm_statistics, prefix, pseudo_label_quality, weighted_total
 from semi.ema import EMATeacher
+from structures import Batch, UnlabeledBatch
 
 
 def seed_everything(seed: int) -> None:

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repository's packages
 
 import detectors  # noqa: E402
-from data.loader import Batch, UnlabeledBatch  # noqa: E402
+from structures import Batch, UnlabeledBatch  # noqa: E402
 from data.transforms import hflip_matrix, scale_matrix  # noqa: E402
 from engine.config import detector_kwargs, resolve_config  # noqa: E402
 from semi.core import prefix, weighted_total  # noqa: E402

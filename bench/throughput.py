@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import detectors  # noqa: E402
 import semi  # noqa: E402
-from data.loader import Batch, UnlabeledBatch  # noqa: E402
+from structures import Batch, UnlabeledBatch  # noqa: E402
 from data.transforms import hflip_matrix, scale_matrix  # noqa: E402
 from detectors.precision import mixed_precision  # noqa: E402
 from engine.config import PAPER_DETECTOR, detector_kwargs, resolve_config  # noqa: E402

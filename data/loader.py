@@ -12,64 +12,12 @@ batches it already consumed (`start_batch`) sees exactly the views it would have
 
 import functools
 import itertools
-from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 
-
-@dataclass
-class Batch:
-    """A padded batch of B samples (ARCHITECTURE.md, "A batch").
-
-    images: float32 (B, 3, H, W) in [0, 1], zero-padded at the bottom / right to a multiple of size_divisible.
-    image_sizes: int64 (B, 2), (h, w) of each image's valid region. targets: B dicts {"boxes" float32 (N_i, 4)
-    xyxy, "labels" int64 (N_i,), "crowd" float32 (M_i, 4)} in the batch frame. matrices: float64 (B, 3, 3),
-    original image -> batch frame. image_ids: B COCO ids. orig_sizes: B (h, w) of the original files.
-    """
-
-    images: Tensor
-    image_sizes: Tensor
-    targets: list[dict[str, Tensor]]
-    matrices: Tensor
-    image_ids: list[int]
-    orig_sizes: list[tuple[int, int]]
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> "Batch":
-        return self._apply(functools.partial(Tensor.to, device=device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "Batch":
-        """The batch in page-locked memory, from which `.to("cuda", non_blocking=True)` copies without holding up
-        the training process; DataLoader(pin_memory=True) calls this in its own thread."""
-        return self._apply(Tensor.pin_memory)
-
-    def _apply(self, fn) -> "Batch":
-        return Batch(images=fn(self.images), image_sizes=fn(self.image_sizes),
-                     targets=[{key: fn(value) for key, value in t.items()} for t in self.targets],
-                     matrices=fn(self.matrices), image_ids=list(self.image_ids), orig_sizes=list(self.orig_sizes))
-
-
-@dataclass
-class UnlabeledBatch:
-    """Two views of the same B images; `weak.targets` / `strong.targets` hold the hidden ground truth."""
-
-    weak: Batch
-    strong: Batch
-
-    def __len__(self) -> int:
-        return len(self.weak)
-
-    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> "UnlabeledBatch":
-        return UnlabeledBatch(weak=self.weak.to(device, non_blocking=non_blocking),
-                              strong=self.strong.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "UnlabeledBatch":
-        return UnlabeledBatch(weak=self.weak.pin_memory(), strong=self.strong.pin_memory())
+from structures import Batch, UnlabeledBatch
 
 
 def collate(samples: Sequence[dict], *, size_divisible: int = 32) -> Batch:

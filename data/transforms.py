@@ -23,34 +23,11 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
+from structures import clip_boxes, warp_boxes
+
 # --------------------------------------------------------------------------------------------------------
 # Boxes and matrices
 # --------------------------------------------------------------------------------------------------------
-
-
-def warp_boxes(boxes: Tensor, matrix: Tensor) -> Tensor:
-    """Map boxes through a 3x3 matrix: the enclosing box of the four mapped corners (no clipping).
-
-    boxes: (N, 4) xyxy absolute pixels; matrix: (3, 3), any float dtype (computed in float64).
-    Returns (N, 4) xyxy in the dtype and on the device of `boxes`. Exact for scales, flips and translations;
-    for rotations and shears the enclosing box of the rotated box (larger than the object's own box).
-    """
-    matrix = torch.as_tensor(matrix, dtype=torch.float64, device=boxes.device)
-    x1, y1, x2, y2 = boxes.to(torch.float64).unbind(-1)  # each (N,)
-    corners = torch.stack([torch.stack([x1, y1], -1), torch.stack([x2, y1], -1),
-                           torch.stack([x2, y2], -1), torch.stack([x1, y2], -1)], 1)  # (N, 4 corners, 2)
-    ones = torch.ones_like(corners[..., :1])
-    mapped = torch.cat([corners, ones], -1) @ matrix.T  # (N, 4, 3)
-    mapped = mapped[..., :2] / mapped[..., 2:]  # (N, 4, 2); the last row of an affine matrix keeps w = 1
-    low, high = mapped.min(1).values, mapped.max(1).values  # (N, 2) each
-    return torch.cat([low, high], -1).to(boxes.dtype)  # (N, 4)
-
-
-def clip_boxes(boxes: Tensor, size: Sequence[int]) -> Tensor:
-    """Clamp (N, 4) xyxy boxes to an image of size (h, w): x into [0, w], y into [0, h]."""
-    h, w = size
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], -1)
 
 
 def scale_matrix(sx: float, sy: float) -> Tensor:

@@ -219,3 +219,17 @@ def torchvision_backbone_key(key: str) -> str:
         if parts[2] == "extra_blocks" and parts[3] in ("p6", "p7") and len(parts) == 5:
             return f"backbone.fpn.{parts[3]}.{parts[4]}"
     raise KeyError(f"detectors/backbone.py: no mapping for torchvision backbone key {key!r}")
+
+
+def load_renamed_state_dict(model: nn.Module, state_dict: dict[str, Tensor], *, rename) -> None:
+    """Load another implementation's weights into `model`, every key renamed by `rename(key) -> our key`
+    (which raises on a key it cannot map). BatchNorm's num_batches_tracked is dropped where this model has
+    frozen BatchNorm, which has none. Raises on any key missing or left over."""
+    own = model.state_dict()
+    mapped = {}
+    for key, value in state_dict.items():
+        ours = rename(key)
+        if ours.endswith("num_batches_tracked") and ours not in own:
+            continue
+        mapped[ours] = value
+    model.load_state_dict(mapped, strict=True)

@@ -7,12 +7,14 @@ is (..., 4), so one call handles a single image (N, 4) or a whole batch (B, N, 4
     LinearBoxCoder  distances (l, t, r, b) from an anchor centre to the box sides (FCOS)
     box_area, box_iou, box_ioa, generalized_box_iou      pairwise overlaps
     elementwise_box_iou, giou_loss                        aligned pairs (prediction i vs target i)
-    clip_boxes, remove_small_boxes
+    remove_small_boxes                                    (clip_boxes: structures.py)
+    pad_per_image, crowd_boxes                            per-image boxes / labels -> one padded batch
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from detectors.losses import reduce_loss
@@ -207,23 +209,32 @@ def giou_loss(pred: Tensor, target: Tensor, *, reduction: str = "none", eps: flo
 # --------------------------------------------------------------------------------------------------------
 
 
-def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
-    """Clamp boxes to their image: x to [0, w], y to [0, h].
-
-    Args:
-        boxes: (..., K, 4) xyxy.
-        image_sizes: (h, w) of the valid image region: int or float, shape (2,) for all boxes, or (..., 2)
-            matching the leading dims of `boxes` (e.g. (B, 2) with boxes (B, K, 4)).
-    Returns:
-        (..., K, 4), same dtype as `boxes`.
-    """
-    sizes = torch.as_tensor(image_sizes, device=boxes.device).to(boxes.dtype)
-    h, w = sizes[..., 0, None], sizes[..., 1, None]  # (..., 1): broadcast over the K boxes
-    zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
-    return torch.stack((boxes[..., 0].clamp(min=zero).minimum(w), boxes[..., 1].clamp(min=zero).minimum(h),
-                        boxes[..., 2].clamp(min=zero).minimum(w), boxes[..., 3].clamp(min=zero).minimum(h)), dim=-1)
-
-
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """boxes (..., 4) xyxy -> bool mask (...): True where both sides are >= min_size."""
     return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Batching per-image rows
+# --------------------------------------------------------------------------------------------------------
+
+
+def pad_per_image(tensors: list[Tensor], *, fill, min_rows: int = 1) -> tuple[Tensor, Tensor]:
+    """B tensors (N_i, ...) -> padded (B, G, ...) with G = max(min_rows, max_i N_i), and valid bool (B, G).
+
+    For batched target assignment: each image's boxes (or labels) in one tensor, padding rows filled with `fill`
+    (zero boxes intersect nothing; a label fill marks "no class"). min_rows=1 keeps one row even for a batch
+    without any box, so that gathering with index 0 works (Faster R-CNN); the dense detectors take 0.
+    """
+    G = max(min_rows, max((t.shape[0] for t in tensors), default=0))
+    padded = torch.stack([F.pad(t, (0, 0) * (t.dim() - 1) + (0, G - t.shape[0]), value=fill) for t in tensors])
+    lengths = torch.tensor([t.shape[0] for t in tensors], device=padded.device)
+    return padded, torch.arange(G, device=padded.device) < lengths[:, None]
+
+
+def crowd_boxes(target: dict, *, dtype: torch.dtype, device) -> Tensor:
+    """A target's crowd (ignored) regions as (M, 4) xyxy in `dtype` on `device`; (0, 4) when it has none."""
+    crowd = target.get("crowd")
+    if crowd is None:
+        return torch.zeros(0, 4, dtype=dtype, device=device)
+    return crowd.to(device=device, dtype=dtype).reshape(-1, 4)

@@ -1,6 +1,5 @@
 """What the two dense (one-stage) detectors, FCOS and RetinaNet, share: their output format, the head-to-rows
-reshape, ground-truth padding for batched target assignment, and the candidate selection + NMS of their
-postprocessors.
+reshape, and their postprocessing: per-level candidate selection and decoding, then NMS per image.
 
 Rows. A dense head predicts K numbers for each of A anchors at each location of each level. The model returns
 them per level as (B, H_l*W_l*A, K), rows ordered (y, x, anchor) like the anchors of `AnchorGenerator`, so that
@@ -13,7 +12,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from detectors.box_ops import clip_boxes
+from detectors.precision import in_float32
+from structures import clip_boxes
 
 
 @dataclass
@@ -56,31 +56,6 @@ def to_rows(x: Tensor, K: int) -> Tensor:
     return x.view(B, -1, K, H, W).permute(0, 3, 4, 1, 2).reshape(B, -1, K)
 
 
-def pad_boxes(targets: list[dict], key: str, *, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
-    """Stack the B images' boxes under `key` into one padded tensor for batched target assignment.
-
-    Returns boxes (B, G, 4) xyxy (G = the most boxes of any image; padding rows are zeros) and valid bool
-    (B, G). A missing key counts as no boxes (e.g. no "crowd").
-    """
-    B = len(targets)
-    counts = [0 if t.get(key) is None else t[key].shape[0] for t in targets]
-    boxes = torch.zeros(B, max(counts, default=0), 4, dtype=dtype, device=device)
-    valid = torch.zeros(B, boxes.shape[1], dtype=torch.bool, device=device)
-    for i, (target, n) in enumerate(zip(targets, counts)):
-        if n:
-            boxes[i, :n] = target[key].to(device=device, dtype=dtype).reshape(n, 4)
-            valid[i, :n] = True
-    return boxes, valid
-
-
-def pad_labels(targets: list[dict], G: int, *, device) -> Tensor:
-    """The B images' "labels" -> int64 (B, G), padding rows -1 (G as returned by `pad_boxes`)."""
-    labels = torch.full((len(targets), G), -1, dtype=torch.int64, device=device)
-    for i, target in enumerate(targets):
-        labels[i, :target["labels"].shape[0]] = target["labels"].to(device)
-    return labels
-
-
 def top_candidates(scores: Tensor, *, score_thresh: float, topk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The `topk` highest (anchor, class) scores of each image above `score_thresh`, for one level.
 
@@ -114,3 +89,42 @@ def nms_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, *
         chosen = batched_nms(k_boxes, k_scores, k_labels, nms_thresh)[:detections_per_image]
         detections.append({"boxes": k_boxes[chosen], "scores": k_scores[chosen], "labels": k_labels[chosen]})
     return detections
+
+
+class DensePostprocessor:
+    """Raw outputs -> detections, as FCOS and RetinaNet both do it: per level and image the `topk_candidates`
+    best (anchor, class) scores above `score_thresh` are decoded against their anchors by `box_coder`; the
+    candidates of all levels are clipped to the image, class-wise NMS at `nms_thresh` runs per image, and the
+    best `detections_per_image` are kept. A detector says how a level's scores come from its outputs
+    (`level_scores`: sigmoid of the class logits here; FCOS folds its quality branch in).
+    """
+
+    def __init__(self, *, box_coder, score_thresh: float, topk_candidates: int, nms_thresh: float,
+                 detections_per_image: int):
+        self.box_coder = box_coder
+        self.score_thresh = score_thresh
+        self.topk_candidates = topk_candidates
+        self.nms_thresh = nms_thresh
+        self.detections_per_image = detections_per_image
+
+    def level_scores(self, outputs: DenseOutput) -> list[Tensor]:
+        """Per level (B, N_l, C) detection scores in [0, 1]."""
+        return [torch.sigmoid(cls_logits) for cls_logits in outputs.cls_logits]
+
+    @torch.no_grad()
+    @in_float32  # scores are compared with thresholds: float32 under mixed precision too
+    def __call__(self, outputs: DenseOutput, image_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """outputs of B images, image_sizes int (B, 2) (h, w) -> B dicts {"boxes" (D, 4) xyxy in the batch's
+        frame, "scores" (D,), "labels" int64 (D,)}, D <= detections_per_image, by decreasing score."""
+        boxes, scores, labels, keep = [], [], [], []
+        for level_scores, box_reg, anchors in zip(self.level_scores(outputs), outputs.box_reg, outputs.anchors):
+            top_scores, anchor_index, top_labels, top_keep = top_candidates(
+                level_scores, score_thresh=self.score_thresh, topk=self.topk_candidates)  # (B, k) each
+            top_reg = torch.gather(box_reg, 1, anchor_index[..., None].expand(-1, -1, 4))  # (B, k, 4)
+            boxes.append(self.box_coder.decode(top_reg, anchors[anchor_index]))  # (B, k, 4)
+            scores.append(top_scores)
+            labels.append(top_labels)
+            keep.append(top_keep)
+        return nms_per_image(torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1), torch.cat(keep, 1),
+                             image_sizes=image_sizes, nms_thresh=self.nms_thresh,
+                             detections_per_image=self.detections_per_image)

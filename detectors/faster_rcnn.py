@@ -48,10 +48,11 @@ from torchvision.ops import MultiScaleRoIAlign, batched_nms
 
 from detectors.anchors import AnchorGenerator
 from detectors.backbone import build_resnet_fpn, torchvision_backbone_key
-from detectors.box_ops import BoxCoder, box_ioa, box_iou, clip_boxes, remove_small_boxes
+from detectors.box_ops import BoxCoder, box_ioa, box_iou, crowd_boxes, pad_per_image, remove_small_boxes
 from detectors.losses import smooth_l1_loss
 from detectors.matcher import BalancedPositiveNegativeSampler, Matcher
 from detectors.precision import in_float32
+from structures import clip_boxes
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # the RPN regresses anchors with unit weights
 ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # RoI deltas are small (proposals are close): scale them up to ~1
@@ -413,7 +414,7 @@ class FasterRCNNCriterion:
         """anchors (N, 4) -> labels int64 (B, N): 1 object, 0 background, -1 ignored; matched gt (B, N, 4).
 
         One call for the batch: the gt boxes are padded to (B, G, 4) and the padding rows never match."""
-        gt, gt_valid = pad_per_image([t["boxes"].to(anchors.dtype) for t in targets], fill=0.0)  # (B, G, 4), (B, G)
+        gt, gt_valid = pad_per_image([t["boxes"].to(anchors.dtype) for t in targets], fill=0.0, min_rows=1)  # (B, G, 4), (B, G)
         index = self.rpn_matcher(box_iou(gt, anchors), gt_valid)  # (B, G, N) -> (B, N) gt index or sentinel
         labels = torch.where(index >= 0, 1, torch.where(index == Matcher.BELOW_LOW_THRESHOLD, 0, -1))
         # Background anchors inside a crowd region are ignored; positives stay positive.
@@ -423,8 +424,8 @@ class FasterRCNNCriterion:
     def crowd_covered(self, boxes: Tensor, targets: list[dict]) -> Tensor:
         """boxes (N, 4) or (B, N, 4) -> bool (B, N): the box lies mostly inside one of its image's crowd
         regions (intersection over the box's own area >= crowd_ioa_thresh)."""
-        crowd, _ = pad_per_image([t.get("crowd", boxes.new_zeros(0, 4)).to(boxes.dtype) for t in targets],
-                                 fill=0.0)  # (B, M, 4)
+        crowd, _ = pad_per_image([crowd_boxes(t, dtype=boxes.dtype, device=boxes.device) for t in targets],
+                                 fill=0.0, min_rows=1)  # (B, M, 4)
         # Padding rows are all-zero boxes: they intersect nothing, so their IoA is 0.
         return box_ioa(boxes, crowd).amax(dim=-1) >= self.crowd_ioa_thresh  # (B, N, M) -> (B, N)
 
@@ -443,11 +444,11 @@ class FasterRCNNCriterion:
         """
         C = self.num_classes
         dtype = proposals[0].dtype
-        gt, gt_valid = pad_per_image([t["boxes"].to(dtype) for t in targets], fill=0.0)  # (B, G, 4), (B, G)
-        gt_labels, _ = pad_per_image([t["labels"] for t in targets], fill=C)  # (B, G)
+        gt, gt_valid = pad_per_image([t["boxes"].to(dtype) for t in targets], fill=0.0, min_rows=1)  # (B, G, 4), (B, G)
+        gt_labels, _ = pad_per_image([t["labels"] for t in targets], fill=C, min_rows=1)  # (B, G)
         # The gt boxes join the candidates, so every image has positives from the first iteration on.
         rois, roi_valid = pad_per_image([torch.cat([p, t["boxes"].to(dtype)]) for p, t in zip(proposals, targets)],
-                                        fill=0.0)
+                                        fill=0.0, min_rows=1)
         B, R, _ = rois.shape  # (B, R, 4): R = max_i (K_i + N_i), padded
 
         index = self.roi_matcher(box_iou(gt, rois), gt_valid)  # (B, G, R) -> (B, R)
@@ -562,16 +563,6 @@ class FasterRCNNPostprocessor:
 # --------------------------------------------------------------------------------------------------------
 # Batch helpers
 # --------------------------------------------------------------------------------------------------------
-
-
-def pad_per_image(tensors: list[Tensor], *, fill) -> tuple[Tensor, Tensor]:
-    """B tensors (N_i, ...) -> padded (B, G, ...) with G = max(1, max_i N_i) and valid bool (B, G).
-
-    At least one row, so that gathering with index 0 works for a batch without any box."""
-    G = max(1, max(t.shape[0] for t in tensors))
-    padded = torch.stack([F.pad(t, (0, 0) * (t.dim() - 1) + (0, G - t.shape[0]), value=fill) for t in tensors])
-    lengths = torch.tensor([t.shape[0] for t in tensors], device=padded.device)
-    return padded, torch.arange(G, device=padded.device) < lengths[:, None]
 
 
 def gather_rows(table: Tensor, index: Tensor) -> Tensor:

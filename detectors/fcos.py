@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectors.anchors import AnchorGenerator
-from detectors.backbone import ResNetFPN, build_resnet_fpn, torchvision_backbone_key
-from detectors.box_ops import LinearBoxCoder, box_area, elementwise_box_iou, giou_loss
-from detectors.dense import DenseOutput, conv_tower, nms_per_image, pad_boxes, pad_labels, to_rows, top_candidates
+from detectors.backbone import ResNetFPN, build_resnet_fpn, load_renamed_state_dict, torchvision_backbone_key
+from detectors.box_ops import (LinearBoxCoder, box_area, crowd_boxes, elementwise_box_iou, giou_loss,
+                               pad_per_image)
+from detectors.dense import DenseOutput, DensePostprocessor, conv_tower, to_rows
 from detectors.losses import positive_normalizer, sigmoid_focal_loss
-from detectors.precision import in_float32
 
 STRIDES = (8, 16, 32, 64, 128)  # P3..P7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -229,9 +229,10 @@ class FCOSCriterion:
         lower, upper = torch.tensor(ranges, dtype=dtype, device=device).repeat_interleave(
             torch.tensor(counts, device=device), dim=0).unbind(1)  # (N,) each
 
-        gt, gt_valid = pad_boxes(targets, "boxes", dtype=dtype, device=device)  # (B, G, 4), (B, G)
+        gt, gt_valid = pad_per_image([t["boxes"].to(device=device, dtype=dtype) for t in targets], fill=0.0,
+                                     min_rows=0)  # (B, G, 4), (B, G)
         B, G = gt_valid.shape
-        labels = pad_labels(targets, G, device=device)  # (B, G)
+        labels, _ = pad_per_image([t["labels"].to(device) for t in targets], fill=-1, min_rows=0)  # (B, G)
         sizes = image_sizes.to(device=device, dtype=dtype)
         in_image = (points[None, :, 0] < sizes[:, 1, None]) & (points[None, :, 1] < sizes[:, 0, None])  # (B, N)
 
@@ -254,7 +255,8 @@ class FCOSCriterion:
             smallest_area, smallest = area.min(dim=-1)  # (B, N)
             matched = torch.where(torch.isfinite(smallest_area), smallest, BACKGROUND)
 
-        crowd, crowd_valid = pad_boxes(targets, "crowd", dtype=dtype, device=device)  # (B, M, 4), (B, M)
+        crowd, crowd_valid = pad_per_image([crowd_boxes(t, dtype=dtype, device=device) for t in targets], fill=0.0,
+                                           min_rows=0)  # (B, M, 4), (B, M)
         if crowd.shape[1]:
             x, y = points[None, :, None, 0], points[None, :, None, 1]  # (1, N, 1)
             cx1, cy1, cx2, cy2 = crowd[:, None, :, :].unbind(-1)  # (B, 1, M)
@@ -315,42 +317,24 @@ def centerness(ltrb: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------
 
 
-class FCOSPostprocessor:
+class FCOSPostprocessor(DensePostprocessor):
     """Raw outputs -> detections. The score of a (location, class) is sqrt(sigmoid(cls) * sigmoid(quality))
     (torchvision's; the paper multiplies, Sec. 3.3). Per level and image the `topk_candidates` best scores
     above `score_thresh` are decoded and clipped to the image; class-wise NMS at `nms_thresh` over all levels
-    keeps the best `detections_per_image`.
+    keeps the best `detections_per_image` (`detectors.dense.DensePostprocessor`).
     """
 
     def __init__(self, *, score_thresh: float = 0.05, topk_candidates: int = 1000, nms_thresh: float = 0.6,
                  detections_per_image: int = 100):
-        self.score_thresh = score_thresh
-        self.topk_candidates = topk_candidates
-        self.nms_thresh = nms_thresh
-        self.detections_per_image = detections_per_image
-        self.box_coder = LinearBoxCoder(normalize_by_size=True)
+        super().__init__(box_coder=LinearBoxCoder(normalize_by_size=True), score_thresh=score_thresh,
+                         topk_candidates=topk_candidates, nms_thresh=nms_thresh,
+                         detections_per_image=detections_per_image)
 
-    @torch.no_grad()
-    @in_float32  # scores are compared with thresholds: float32 under mixed precision too
-    def __call__(self, outputs: DenseOutput, image_sizes: Tensor) -> list[dict[str, Tensor]]:
-        """outputs of B images, image_sizes int (B, 2) (h, w) -> B dicts {"boxes" (D, 4) xyxy in the batch's
-        frame, "scores" (D,), "labels" int64 (D,)}, D <= detections_per_image, by decreasing score."""
-        boxes, scores, labels, keep = [], [], [], []
-        for level, (cls_logits, box_reg, anchors) in enumerate(zip(outputs.cls_logits, outputs.box_reg,
-                                                                   outputs.anchors)):
-            level_scores = torch.sigmoid(cls_logits)  # (B, N_l, C)
-            if outputs.quality is not None:
-                level_scores = torch.sqrt(level_scores * torch.sigmoid(outputs.quality[level]))
-            top_scores, anchor_index, top_labels, top_keep = top_candidates(
-                level_scores, score_thresh=self.score_thresh, topk=self.topk_candidates)  # (B, k) each
-            top_reg = torch.gather(box_reg, 1, anchor_index[..., None].expand(-1, -1, 4))  # (B, k, 4)
-            boxes.append(self.box_coder.decode(top_reg, anchors[anchor_index]))  # (B, k, 4)
-            scores.append(top_scores)
-            labels.append(top_labels)
-            keep.append(top_keep)
-        return nms_per_image(torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1), torch.cat(keep, 1),
-                             image_sizes=image_sizes, nms_thresh=self.nms_thresh,
-                             detections_per_image=self.detections_per_image)
+    def level_scores(self, outputs: DenseOutput) -> list[Tensor]:
+        scores = super().level_scores(outputs)  # per level (B, N_l, C)
+        if outputs.quality is None:
+            return scores
+        return [torch.sqrt(s * torch.sigmoid(q)) for s, q in zip(scores, outputs.quality)]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -417,11 +401,4 @@ def load_torchvision_state_dict(model: FCOS, tv_state_dict: dict[str, Tensor]) -
     Labels need no shift: torchvision's FCOS has no background logit either. BatchNorm's num_batches_tracked
     is dropped when this model uses frozen BatchNorm. Raises on any key missing or left over.
     """
-    own = model.state_dict()
-    mapped = {}
-    for key, value in tv_state_dict.items():
-        ours = torchvision_key(key)
-        if ours.endswith("num_batches_tracked") and ours not in own:
-            continue
-        mapped[ours] = value
-    model.load_state_dict(mapped, strict=True)
+    load_renamed_state_dict(model, tv_state_dict, rename=torchvision_key)

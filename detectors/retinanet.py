@@ -29,12 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectors.anchors import AnchorGenerator
-from detectors.backbone import ResNetFPN, build_resnet_fpn, torchvision_backbone_key
-from detectors.box_ops import BoxCoder, box_ioa, box_iou
-from detectors.dense import DenseOutput, conv_tower, nms_per_image, pad_boxes, pad_labels, to_rows, top_candidates
+from detectors.backbone import ResNetFPN, build_resnet_fpn, load_renamed_state_dict, torchvision_backbone_key
+from detectors.box_ops import BoxCoder, box_ioa, box_iou, crowd_boxes, pad_per_image
+from detectors.dense import DenseOutput, DensePostprocessor, conv_tower, to_rows
 from detectors.losses import l1_loss, positive_normalizer, sigmoid_focal_loss, smooth_l1_loss
 from detectors.matcher import Matcher
-from detectors.precision import in_float32
 
 STRIDES = (8, 16, 32, 64, 128)  # P3..P7
 COCO_ANCHOR_SIZES = (32, 64, 128, 256, 512)  # base anchor size per level
@@ -197,11 +196,13 @@ class RetinaNetCriterion:
         """
         anchors = torch.cat(outputs.anchors)  # (N, 4)
         dtype, device = anchors.dtype, anchors.device
-        gt, gt_valid = pad_boxes(targets, "boxes", dtype=dtype, device=device)  # (B, G, 4), (B, G)
+        gt, gt_valid = pad_per_image([t["boxes"].to(device=device, dtype=dtype) for t in targets], fill=0.0,
+                                     min_rows=0)  # (B, G, 4), (B, G)
         B, G = gt_valid.shape
         matched = self.matcher(box_iou(gt, anchors), gt_valid)  # (B, G, N) -> (B, N)
 
-        crowd, crowd_valid = pad_boxes(targets, "crowd", dtype=dtype, device=device)  # (B, M, 4), (B, M)
+        crowd, crowd_valid = pad_per_image([crowd_boxes(t, dtype=dtype, device=device) for t in targets], fill=0.0,
+                                           min_rows=0)  # (B, M, 4), (B, M)
         if crowd.shape[1]:
             share = box_ioa(anchors, crowd).masked_fill(~crowd_valid[:, None, :], 0.0)  # (B, N, M)
             in_crowd = share.amax(dim=-1) >= self.crowd_ioa_thresh  # (B, N)
@@ -214,7 +215,8 @@ class RetinaNetCriterion:
             labels = torch.full_like(matched, -1)
         else:
             boxes = torch.gather(gt, 1, index[..., None].expand(-1, -1, 4))  # (B, N, 4)
-            labels = torch.gather(pad_labels(targets, G, device=device), 1, index)  # (B, N)
+            labels, _ = pad_per_image([t["labels"].to(device) for t in targets], fill=-1, min_rows=0)  # (B, G)
+            labels = torch.gather(labels, 1, index)  # (B, N)
         return RetinaNetTargets(matched=matched, boxes=torch.where(positive[..., None], boxes, 0.0),
                                 labels=torch.where(positive, labels, -1))
 
@@ -248,36 +250,17 @@ class RetinaNetCriterion:
 # --------------------------------------------------------------------------------------------------------
 
 
-class RetinaNetPostprocessor:
+class RetinaNetPostprocessor(DensePostprocessor):
     """Raw outputs -> detections: per level and image the `topk_candidates` best sigmoid scores above
     `score_thresh` (paper Sec. 4, "Inference": 1000 per level, 0.05); decode, clip to the image, class-wise
-    NMS at `nms_thresh` over all levels, keep the best `detections_per_image` (torchvision: 300)."""
+    NMS at `nms_thresh` over all levels, keep the best `detections_per_image` (torchvision: 300)
+    (`detectors.dense.DensePostprocessor`)."""
 
     def __init__(self, *, score_thresh: float = 0.05, topk_candidates: int = 1000, nms_thresh: float = 0.5,
                  detections_per_image: int = 300):
-        self.score_thresh = score_thresh
-        self.topk_candidates = topk_candidates
-        self.nms_thresh = nms_thresh
-        self.detections_per_image = detections_per_image
-        self.box_coder = BoxCoder(BOX_WEIGHTS)
-
-    @torch.no_grad()
-    @in_float32  # scores are compared with thresholds: float32 under mixed precision too
-    def __call__(self, outputs: DenseOutput, image_sizes: Tensor) -> list[dict[str, Tensor]]:
-        """outputs of B images, image_sizes int (B, 2) (h, w) -> B dicts {"boxes" (D, 4) xyxy in the batch's
-        frame, "scores" (D,), "labels" int64 (D,)}, D <= detections_per_image, by decreasing score."""
-        boxes, scores, labels, keep = [], [], [], []
-        for cls_logits, deltas, anchors in zip(outputs.cls_logits, outputs.box_reg, outputs.anchors):
-            top_scores, anchor_index, top_labels, top_keep = top_candidates(
-                torch.sigmoid(cls_logits), score_thresh=self.score_thresh, topk=self.topk_candidates)  # (B, k) each
-            top_deltas = torch.gather(deltas, 1, anchor_index[..., None].expand(-1, -1, 4))  # (B, k, 4)
-            boxes.append(self.box_coder.decode(top_deltas, anchors[anchor_index]))  # (B, k, 4)
-            scores.append(top_scores)
-            labels.append(top_labels)
-            keep.append(top_keep)
-        return nms_per_image(torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1), torch.cat(keep, 1),
-                             image_sizes=image_sizes, nms_thresh=self.nms_thresh,
-                             detections_per_image=self.detections_per_image)
+        super().__init__(box_coder=BoxCoder(BOX_WEIGHTS), score_thresh=score_thresh,
+                         topk_candidates=topk_candidates, nms_thresh=nms_thresh,
+                         detections_per_image=detections_per_image)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -343,11 +326,4 @@ def load_torchvision_state_dict(model: RetinaNet, tv_state_dict: dict[str, Tenso
     Labels need no shift (no background logit). BatchNorm's num_batches_tracked is dropped when this model
     uses frozen BatchNorm. Raises on any key missing or left over.
     """
-    own = model.state_dict()
-    mapped = {}
-    for key, value in tv_state_dict.items():
-        ours = torchvision_key(key)
-        if ours.endswith("num_batches_tracked") and ours not in own:
-            continue
-        mapped[ours] = value
-    model.load_state_dict(mapped, strict=True)
+    load_renamed_state_dict(model, tv_state_dict, rename=torchvision_key)

@@ -9,7 +9,8 @@ of crashing pycocotools, whose `loadRes` cannot take an empty list.
 
 Multi-scale testing (`evaluate_multiscale`, SED paper Tab. 7): the same images at several short sides, and
 optionally mirrored; every pass's detections go back to original pixels, `merge_detections` fuses the passes
-of an image with class-wise NMS, and the merged detections are scored as above.
+of an image with class-wise NMS, and the merged detections are scored as above. `predict_multiscale` does
+the same for a batch in memory.
 """
 
 import contextlib
@@ -22,14 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torchvision.ops import batched_nms
 
 import detectors
-from data.transforms import clip_boxes, hflip_matrix, warp_boxes
+from data.transforms import hflip_matrix
 from engine import distributed
+from structures import clip_boxes, pad_to_multiple, warp_boxes
 
 # The order of COCOeval.stats.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -143,8 +146,8 @@ def hflip_batch(images: Tensor, image_sizes: Tensor, matrices: Tensor) -> tuple[
     return flipped, flipped_matrices
 
 
-def merge_detections(passes: list[dict[str, Tensor]], *, iou_threshold: float,
-                     max_detections: int) -> dict[str, Tensor]:
+def merge_detections(passes: list[dict[str, Tensor]], *, iou_threshold: float, max_detections: int,
+                     nms_single_pass: bool = False) -> dict[str, Tensor]:
     """Fuse the detections of one image from several test passes (scales, flips).
 
     passes: P dicts {"boxes" float (K_p, 4) xyxy, "scores" (K_p,), "labels" int64 (K_p,)}, every pass in the
@@ -153,17 +156,47 @@ def merge_detections(passes: list[dict[str, Tensor]], *, iou_threshold: float,
     union of the passes after class-wise NMS at `iou_threshold`, so that an object found at several scales
     keeps its best-scored box, and boxes of different classes never suppress each other.
     A single pass has nothing to merge: it keeps its own detector's NMS and is only cut to max_detections,
-    so one pass at the test size gives exactly the single-scale detections.
+    so one pass at the test size gives exactly the single-scale detections (nms_single_pass=True runs the
+    merge's NMS on it all the same, so that one pass and a duplicated pass give the same set).
     """
     boxes = torch.cat([p["boxes"].float() for p in passes])  # (sum K_p, 4)
     scores = torch.cat([p["scores"].float() for p in passes])  # (sum K_p,)
     labels = torch.cat([p["labels"] for p in passes])  # (sum K_p,)
-    if len(passes) > 1:
+    if len(passes) > 1 or nms_single_pass:
         keep = batched_nms(boxes, scores, labels, iou_threshold)  # indices by decreasing score
     else:
         keep = scores.argsort(descending=True, stable=True)
     keep = keep[:max_detections]
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
+@torch.no_grad()
+def predict_multiscale(detector, images: Tensor, image_sizes: Tensor, *, scales: tuple[float, ...] = (0.5, 1.0, 1.5),
+                       nms_threshold: float = 0.5, max_detections: int = 100,
+                       size_divisible: int = 32) -> list[dict[str, Tensor]]:
+    """Detections of a batch resized by each scale, merged per image by class-wise NMS (SED paper, Table 7).
+
+    The in-memory counterpart of `evaluate_multiscale`, for a batch at hand. images: float32 (B, 3, H, W) in
+    [0, 1]; image_sizes: int64 (B, 2) valid (h, w). Each pass's boxes are scaled back to the batch's pixels and
+    clipped to the image; boxes left without area are dropped (NMS needs an area); `merge_detections` fuses the
+    passes, NMS included for a single scale. Returns B dicts {"boxes" (K, 4) xyxy in the batch's pixels,
+    "scores" (K,), "labels" (K,) int64}, K <= max_detections, by decreasing score.
+    """
+    H, W = images.shape[-2:]
+    passes = [[] for _ in range(images.shape[0])]  # per image: its detections of every scale
+    for scale in scales:
+        size = (max(1, round(H * scale)), max(1, round(W * scale)))
+        resized = F.interpolate(images, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
+        resized = pad_to_multiple(resized, size_divisible)
+        sizes = torch.round(image_sizes.double() * scale).clamp(min=1).to(image_sizes.dtype)  # (B, 2)
+        back = torch.tensor([W / size[1], H / size[0]] * 2, dtype=images.dtype, device=images.device)  # (4,)
+        for i, d in enumerate(detectors.predict(detector, resized, sizes)):
+            boxes = clip_boxes(d["boxes"] * back, image_sizes[i])  # (K, 4) in the batch's pixels
+            nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            passes[i].append({"boxes": boxes[nonempty], "scores": d["scores"][nonempty],
+                              "labels": d["labels"][nonempty]})
+    return [merge_detections(image_passes, iou_threshold=nms_threshold, max_detections=max_detections,
+                             nms_single_pass=True) for image_passes in passes]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from data.transforms import clip_boxes, warp_boxes
+from structures import carry_boxes
 
 
 @dataclass
@@ -132,37 +132,6 @@ def frozen_norm_statistics(model: nn.Module, *, enabled: bool = True):
         for m, (momentum, count) in zip(norms, saved):
             m.momentum = momentum
             m.num_batches_tracked.copy_(count)  # an int64 counter that no backward reads
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Boxes between views
-# ------------------------------------------------------------------------------------------------------------
-
-
-def view_transform(src_matrix: Tensor, dst_matrix: Tensor) -> Tensor:
-    """The (3, 3) float64 matrix mapping pixel coordinates of the source view to the destination view.
-
-    Each view records T: original image -> view, so M = T_dst @ inverse(T_src) (METHODS.md, "Views").
-    src_matrix, dst_matrix: (3, 3) or batched (B, 3, 3) -> same shape.
-    """
-    src = src_matrix.to(torch.float64)
-    dst = dst_matrix.to(torch.float64)
-    return dst @ torch.linalg.inv(src)
-
-
-def carry_boxes(boxes: Tensor, src_matrix: Tensor, dst_matrix: Tensor, *,
-                dst_size: Sequence[int] | Tensor | None = None) -> Tensor:
-    """Move boxes from one view of an image to another view of the same image.
-
-    boxes: (N, 4) xyxy pixels in the source view; src_matrix, dst_matrix: (3, 3), original -> view.
-    dst_size: (h, w) of the destination view's valid region; the carried boxes are clipped to it (None:
-    no clipping). Returns (N, 4) xyxy in the destination view, dtype of `boxes`: the enclosing box of the
-    four mapped corners (exact for resizes, flips and translations; larger than the object under rotation).
-    """
-    carried = warp_boxes(boxes, view_transform(src_matrix, dst_matrix))  # (N, 4)
-    if dst_size is not None:
-        carried = clip_boxes(carried, [int(s) for s in dst_size])
-    return carried
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -57,7 +57,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from data.loader import UnlabeledBatch
 from detectors import Detector
 from detectors.box_ops import BoxCoder, LinearBoxCoder, giou_loss
 from detectors.dense import DenseOutput
@@ -66,13 +65,13 @@ from detectors.precision import in_float32
 from detectors.retinanet import BOX_WEIGHTS as RETINANET_BOX_WEIGHTS
 from semi.core import UnsupOutput, linear_ramp, zero_loss
 from semi.ema import DenseTeacherEMA
-from semi.ops import frs_qfl, frs_topk_mask
+from semi.ops import QFL_BETA, frs_qfl, frs_topk_mask
+from structures import UnlabeledBatch
 
 DETECTORS = ("fcos", "retinanet")
 REGIONS = ("topk", "all", "positive")
 HARD_NEGATIVES = ("select", "ignore", "suppress")
 ANCHOR_BOX_LOSSES = ("l1", "giou")
-QFL_BETA = 2.0  # gamma of Eq. 2, 2 in all the paper's experiments (Sec. 4.1)
 
 # --------------------------------------------------------------------------------------------------------
 # Configuration

@@ -19,7 +19,6 @@ see float32 and the results are float32.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 
@@ -27,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detectors.box_ops import DEFAULT_XFORM_CLIP, BoxCoder
+from detectors.faster_rcnn import ROI_BOX_WEIGHTS
+from detectors.losses import quality_focal_loss
 from detectors.precision import in_float32
 
 # --------------------------------------------------------------------------------------------------------
@@ -146,21 +148,38 @@ def _check_ghm_args(student_logits: Tensor, teacher_logits: Tensor, mode: str, b
         raise ValueError("semi/ops.py ghm_kl: softmax mode needs logits of shape (..., C)")
 
 
+def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor, *, mode: str) -> Tensor:
+    """KL(teacher || student) of every sample, in the logits' dtype; the gradient flows into whichever side
+    is not detached (callers detach the target).
+
+    mode "sigmoid": logits (...) -> (...), each element the Bernoulli pair (p, 1 - p), p = sigmoid(z):
+        KL = p_t (log p_t - log p_s) + (1 - p_t) (log(1 - p_t) - log(1 - p_s))
+    mode "softmax": logits (..., C) -> (...), each row one C-way distribution p = softmax(z):
+        KL = sum_c p_t,c (log p_t,c - log p_s,c)
+    Log-probabilities come from logsigmoid / log_softmax, finite for any finite logit; 1 - p_t is
+    sigmoid(-t), exact where p_t rounds to 1.
+    """
+    s, t = student_logits, teacher_logits
+    if mode == "sigmoid":
+        # Each element is a Bernoulli pair (p, 1 - p); log p = logsigmoid(x), log(1 - p) = logsigmoid(-x).
+        return torch.sigmoid(t) * (F.logsigmoid(t) - F.logsigmoid(s)) + torch.sigmoid(-t) * (
+            F.logsigmoid(-t) - F.logsigmoid(-s))
+    if mode == "softmax":
+        log_p_s, log_p_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+        return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+    raise ValueError(f"semi/ops.py: KL mode must be one of {GHM_MODES}, got {mode!r}")
+
+
 def ghm_kl_reference(student_logits: Tensor, teacher_logits: Tensor, *, mode: str, bins: int) -> GHMKLOutput:
     """Plain-PyTorch `ghm_kl_with_counts`: the fallback and the test oracle (same arguments and outputs)."""
     _check_ghm_args(student_logits, teacher_logits, mode, bins)
     s, t = student_logits, teacher_logits.detach()
+    kl = kl_per_sample(s, t, mode=mode)  # one value per element (sigmoid) or per row over the last dim (softmax)
     if mode == "sigmoid":
-        # Each element is a Bernoulli pair (p, 1 - p); log p = logsigmoid(x), log(1 - p) = logsigmoid(-x).
-        p_t, q_t = torch.sigmoid(t), torch.sigmoid(-t)
-        kl = p_t * (F.logsigmoid(t) - F.logsigmoid(s)) + q_t * (F.logsigmoid(-t) - F.logsigmoid(-s))
-        g = (torch.sigmoid(s.detach()) - p_t).abs()  # |dKL/ds| = |p_s - p_t|
+        g = (torch.sigmoid(s.detach()) - torch.sigmoid(t)).abs()  # |dKL/ds| = |p_s - p_t|
     else:
-        # Each row over the last dim is a distribution. (..., C) -> (...,)
-        log_p_s, log_p_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
-        p_t = log_p_t.exp()
-        kl = (p_t * (log_p_t - log_p_s)).sum(dim=-1)
-        g = 0.5 * (log_p_s.detach().exp() - p_t).abs().sum(dim=-1)  # total variation = ||dKL/ds||_1 / 2
+        p_s, p_t = F.log_softmax(s.detach(), dim=-1).exp(), F.log_softmax(t, dim=-1).exp()
+        g = 0.5 * (p_s - p_t).abs().sum(dim=-1)  # total variation = ||dKL/ds||_1 / 2
     # M equal bins on [0, 1]; g = 1 (and rounding just above it) goes to the last bin.
     bin_index = (g * bins).floor().long().clamp_(max=bins - 1)  # same shape as kl
     counts = torch.bincount(bin_index.flatten(), minlength=bins)  # (bins,) R_j, integers: no gradient
@@ -209,9 +228,9 @@ def ghm_kl(student_logits: Tensor, teacher_logits: Tensor, *, mode: str, bins: i
 # jitter_boxes / refine_stats: Soft Teacher's box jittering and regression uncertainty (paper 001, Sec. 3.3)
 # --------------------------------------------------------------------------------------------------------
 
-# Faster R-CNN's box-delta weights and the clamp of dw, dh (boxes at most 1000/16 times their anchor).
-DEFAULT_DELTA_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-DEFAULT_BBOX_CLIP = math.log(1000.0 / 16)
+# Faster R-CNN's RoI box-delta weights and the clamp of dw, dh (boxes at most 1000/16 times their anchor).
+DEFAULT_DELTA_WEIGHTS = ROI_BOX_WEIGHTS
+DEFAULT_BBOX_CLIP = DEFAULT_XFORM_CLIP
 
 
 class RefineStats(NamedTuple):
@@ -298,27 +317,6 @@ def _check_refine_args(refined_deltas: Tensor, jittered_boxes: Tensor, labels: T
     return refined_deltas, times, n
 
 
-def decode_deltas(deltas: Tensor, boxes: Tensor, *, weights: tuple[float, ...], bbox_clip: float) -> Tensor:
-    """Faster R-CNN box decoding. deltas (..., 4) (dx, dy, dw, dh), boxes (..., 4) xyxy -> (..., 4) xyxy.
-
-    The centre moves by (dx / wx) * w, the size scales by exp(dw / ww), with dw, dh clamped at bbox_clip.
-    """
-    wx, wy, ww, wh = weights
-    widths = boxes[..., 2] - boxes[..., 0]
-    heights = boxes[..., 3] - boxes[..., 1]
-    ctr_x = boxes[..., 0] + 0.5 * widths
-    ctr_y = boxes[..., 1] + 0.5 * heights
-    dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
-    dw = (deltas[..., 2] / ww).clamp(max=bbox_clip)
-    dh = (deltas[..., 3] / wh).clamp(max=bbox_clip)
-    pred_ctr_x, pred_ctr_y = dx * widths + ctr_x, dy * heights + ctr_y
-    pred_w, pred_h = torch.exp(dw) * widths, torch.exp(dh) * heights
-    return torch.stack(
-        [pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h, pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h],
-        dim=-1,
-    )
-
-
 def refine_stats_reference(
     refined_deltas: Tensor,
     jittered_boxes: Tensor,
@@ -333,7 +331,7 @@ def refine_stats_reference(
         return RefineStats(jittered_boxes.new_zeros((0, 4)), jittered_boxes.new_zeros((0,)))
     index = labels.view(1, n, 1, 1).expand(times, n, 1, 4)
     deltas = refined_deltas.gather(2, index).squeeze(2)  # (T, N, C, 4) -> (T, N, 1, 4) -> (T, N, 4)
-    refined = decode_deltas(deltas, jittered_boxes, weights=weights, bbox_clip=bbox_clip)  # (T, N, 4)
+    refined = BoxCoder(weights, bbox_clip).decode(deltas, jittered_boxes)  # (T, N, 4)
     mean_boxes = refined.mean(dim=0)  # (N, 4)
     std = refined.std(dim=0)  # (N, 4), unbiased (divides by times - 1), as torch.std and the authors' code
     uncertainty = (std / _box_sides(mean_boxes)).mean(dim=-1)  # Eq. 9 normalised by (w, h, w, h) -> (N,)
@@ -379,6 +377,9 @@ def refine_stats(
 # --------------------------------------------------------------------------------------------------------
 # frs_topk_mask / frs_qfl: Dense Teacher's learning region and its QFL (paper 002, Eq. 2-4)
 # --------------------------------------------------------------------------------------------------------
+
+
+QFL_BETA = 2.0  # the exponent of Eq. 2's |y - p_s|, 2 in all of Dense Teacher's experiments (Sec. 4.1)
 
 
 class RegionSelection(NamedTuple):
@@ -441,9 +442,7 @@ def frs_topk_mask(teacher_logits: Tensor, *, ratio: float) -> RegionSelection:
 def _qfl_sum(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
     # Targets: the teacher's probabilities on the region, 0 elsewhere (then BCE(p_s, 0) * p_s^2 of Eq. 2).
     targets = torch.sigmoid(teacher_logits.detach()) * mask.unsqueeze(1).to(student_logits.dtype)  # (R, C)
-    p_s = torch.sigmoid(student_logits)
-    bce = F.binary_cross_entropy_with_logits(student_logits, targets, reduction="none")  # (R, C)
-    return (bce * (targets - p_s).pow(2)).sum()
+    return quality_focal_loss(student_logits, targets, beta=QFL_BETA, reduction="sum")
 
 
 def _qfl_normalise(total: Tensor, fg: Tensor) -> Tensor:

@@ -31,7 +31,8 @@ What the paper leaves open, decided here (METHODS.md, "Scale-Equivalent Distilla
   - "hard" self-distillation (Table 4) thresholds the teacher's probabilities at 0.5 (`hard_target_logits`).
 
 The file reads top to bottom: configuration -> the views -> the three equations on flat rows of samples ->
-one adapter per detector kind -> the method object the training loop calls -> multi-scale testing (Table 7).
+one adapter per detector kind -> the method object the training loop calls. Multi-scale testing (Table 7)
+is `engine.evaluation.predict_multiscale`.
 """
 
 from dataclasses import dataclass, fields
@@ -40,15 +41,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import batched_nms
 
-import detectors
-from data.loader import UnlabeledBatch
 from detectors import Detector
 from detectors.precision import in_float32
 from semi.core import UnsupOutput, linear_ramp, zero_loss
 from semi.ema import sed_momentum
-from semi.ops import ghm_kl
+from semi.ops import ghm_kl, kl_per_sample
+from structures import UnlabeledBatch, pad_to_multiple
 
 # --------------------------------------------------------------------------------------------------------
 # Configuration
@@ -147,13 +146,6 @@ class SEDViews(NamedTuple):
     scale_exp: int  # s
 
 
-def pad_to_multiple(images: Tensor, multiple: int) -> Tensor:
-    """Zero-pad (B, C, H, W) at the bottom/right to (B, C, H', W') with H', W' multiples of `multiple`."""
-    H, W = images.shape[-2:]
-    pad_h, pad_w = -H % multiple, -W % multiple
-    return F.pad(images, (0, pad_w, 0, pad_h))
-
-
 def downsample(images: Tensor, factor: int, *, mode: str) -> Tensor:
     """(B, C, H, W) -> (B, C, H / factor, W / factor); H and W must be multiples of `factor`.
 
@@ -249,25 +241,6 @@ class Terms(NamedTuple):
     cls: Tensor  # the (re-weighted) classification KL
     box: Tensor  # the L2 of the box regression
     quality: Tensor | None = None  # FCOS quality: a Bernoulli KL, plain mean (see `quality_kl`)
-
-
-def kl_per_sample(logits: Tensor, target_logits: Tensor, *, mode: str) -> Tensor:
-    """KL(target || student) per sample, in the logits' dtype.
-
-    mode "sigmoid": logits (N, K) -> (N, K), each element the Bernoulli pair (p, 1 - p), p = sigmoid(z):
-        KL = q log(q / p) + (1 - q) log((1 - q) / (1 - p)),  q = sigmoid(target)
-    mode "softmax": logits (N, K) -> (N,), each row one K-way distribution p = softmax(z):
-        KL = sum_k q_k log(q_k / p_k),  q = softmax(target)
-    Log-probabilities come from logsigmoid / log_softmax, which stay finite for any finite logit.
-    """
-    if mode == "sigmoid":
-        q = torch.sigmoid(target_logits)
-        return (q * (F.logsigmoid(target_logits) - F.logsigmoid(logits))
-                + (1 - q) * (F.logsigmoid(-target_logits) - F.logsigmoid(-logits)))
-    if mode == "softmax":
-        log_q = F.log_softmax(target_logits, dim=-1)
-        return (log_q.exp() * (log_q - F.log_softmax(logits, dim=-1))).sum(dim=-1)
-    raise ValueError(f"semi/sed.py: KL mode must be 'sigmoid' or 'softmax', got {mode!r}")
 
 
 def classification_kl(logits: Tensor, target_logits: Tensor, *, mode: str, reweight: bool, bins: int) -> Tensor:
@@ -612,43 +585,3 @@ def build_sed(cfg, *, detector_name: str) -> SED:
 def largest_stride(model) -> int:
     """The coarsest stride of a detector's pyramid (P7: 128 for RetinaNet and FCOS, P6: 64 for Faster R-CNN)."""
     return max(model.anchor_generator.strides)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Multi-scale testing (Sec. 4.3, Table 7): the ensemble SED's scale consistency makes nearly unnecessary
-# --------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def predict_multiscale(detector: Detector, images: Tensor, image_sizes: Tensor, *,
-                       scales: tuple[float, ...] = (0.5, 1.0, 1.5), nms_threshold: float = 0.5,
-                       max_detections: int = 100, size_divisible: int = 32) -> list[dict]:
-    """Detections of the batch resized by each scale, merged per image by class-wise NMS at 0.5 (Table 7).
-
-    images: float32 (B, 3, H, W) in [0, 1]; image_sizes: int64 (B, 2) valid (h, w).
-    Returns B dicts {"boxes" (K, 4) xyxy in the batch's pixels, "scores" (K,), "labels" (K,) int64}, K <= max.
-    """
-    H, W = images.shape[-2:]
-    per_scale = []
-    for scale in scales:
-        size = (max(1, round(H * scale)), max(1, round(W * scale)))
-        resized = F.interpolate(images, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
-        resized = pad_to_multiple(resized, size_divisible)
-        sizes = torch.round(image_sizes.double() * scale).clamp(min=1).to(image_sizes.dtype)  # (B, 2)
-        back = torch.tensor([W / size[1], H / size[0]] * 2, dtype=images.dtype, device=images.device)  # (4,)
-        detections = detectors.predict(detector, resized, sizes)
-        per_scale.append([{**d, "boxes": d["boxes"] * back} for d in detections])
-
-    merged = []
-    for i, per_image in enumerate(zip(*per_scale)):
-        boxes = torch.cat([d["boxes"] for d in per_image])  # (sum K, 4)
-        scores = torch.cat([d["scores"] for d in per_image])
-        labels = torch.cat([d["labels"] for d in per_image])
-        h, w = image_sizes[i].tolist()
-        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                             boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
-        nonempty = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).nonzero().squeeze(1)  # IoU needs area
-        keep = nonempty[batched_nms(boxes[nonempty], scores[nonempty], labels[nonempty], nms_threshold)]
-        keep = keep[:max_detections]  # by decreasing score
-        merged.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-    return merged

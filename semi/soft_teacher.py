@@ -36,12 +36,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from data.loader import Batch, UnlabeledBatch
 from detectors import Detector
 from detectors.faster_rcnn import FasterRCNNPostprocessor, SampledRoIs, roi_class_probs
-from semi.core import UnsupOutput, carry_boxes, linear_ramp
+from semi.core import UnsupOutput, linear_ramp
 from semi.ema import soft_teacher_momentum
 from semi.ops import jitter_boxes, refine_stats
+from structures import Batch, UnlabeledBatch, carry_boxes
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")  # the same names as the supervised terms
 

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from data.coco import CocoDetection, load_unlabeled
-from data.loader import (Batch, InfiniteSampler, UnlabeledBatch, build_train_loader, build_train_loaders,
-                         build_val_loader, collate, collate_unlabeled, draw_generator)
-from data.transforms import TwoViewTransform, build_labeled_transform, warp_boxes
+from data.loader import (InfiniteSampler, build_train_loader, build_train_loaders, build_val_loader, collate,
+                         collate_unlabeled, draw_generator)
+from data.transforms import TwoViewTransform, build_labeled_transform
+from structures import Batch, UnlabeledBatch, warp_boxes
 
 
 def _sample(height, width, num_boxes, image_id=0):

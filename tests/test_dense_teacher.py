@@ -388,7 +388,7 @@ def student_and_teacher(name: str):
 def unlabeled_batch(*, blank: bool = False):
     """Two pixel-aligned 64 x 96 views of 2 images; the second image is 44 x 60 inside the padded canvas.
     The hidden ground truth (one bright box per image) is only read by diagnostics and Table 5's ablation."""
-    from data.loader import Batch, UnlabeledBatch
+    from structures import Batch, UnlabeledBatch
 
     B, H, W = 2, 64, 96
     images = torch.zeros(B, 3, H, W) if blank else torch.rand(B, 3, H, W) * 0.3
@@ -537,7 +537,7 @@ def test_all_background_batch_is_finite(name):
 
 
 def test_misaligned_views_are_rejected():
-    from data.loader import UnlabeledBatch
+    from structures import UnlabeledBatch
 
     student, teacher = student_and_teacher("fcos")
     batch = unlabeled_batch()

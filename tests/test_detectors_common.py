@@ -18,10 +18,11 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from detectors.anchors import AnchorGenerator, cell_anchors
 from detectors.backbone import (FPN, build_resnet, build_resnet_fpn, load_backbone_weights,
                                 torchvision_backbone_key)
-from detectors.box_ops import (BoxCoder, LinearBoxCoder, box_ioa, box_iou, clip_boxes, elementwise_box_iou,
-                               generalized_box_iou, giou_loss, remove_small_boxes)
+from detectors.box_ops import (BoxCoder, LinearBoxCoder, box_ioa, box_iou, elementwise_box_iou, generalized_box_iou,
+                               giou_loss, remove_small_boxes)
 from detectors.losses import l1_loss, quality_focal_loss, sigmoid_focal_loss, smooth_l1_loss
 from detectors.matcher import BalancedPositiveNegativeSampler, Matcher
+from structures import clip_boxes
 
 DTYPES = [torch.float32, torch.float64]
 

@@ -13,9 +13,10 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou, roi_align
 
 import detectors
+from detectors.box_ops import pad_per_image
 from detectors.faster_rcnn import (FPN_STRIDES, FasterRCNNCriterion, FasterRCNNPostprocessor, RoIOutput, RPNOutput,
                                    SampledRoIs, build_faster_rcnn, first_n_per_image, gather_rows,
-                                   load_torchvision_state_dict, pad_per_image, roi_class_probs)
+                                   load_torchvision_state_dict, roi_class_probs)
 
 NUM_CLASSES = 3
 

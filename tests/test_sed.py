@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from semi.ops import ghm_kl_with_counts
+from semi.ops import ghm_kl_with_counts, kl_per_sample
 from semi.sed import (
     SED,
     HARD_LOGIT,
@@ -16,7 +16,6 @@ from semi.sed import (
     check_pairing,
     classification_kl,
     hard_target_logits,
-    kl_per_sample,
     make_views,
     pair_levels,
     quality_kl,
@@ -419,7 +418,7 @@ def test_check_pairing_rejects_the_real_detector_with_non_doubling_anchors():
 
 def unlabeled_batch(B: int, H: int, W: int, *, blank: bool = False):
     """An UnlabeledBatch of B pixel-aligned views: bright squares on noise (or blank images)."""
-    from data.loader import Batch, UnlabeledBatch
+    from structures import Batch, UnlabeledBatch
 
     images = torch.zeros(B, 3, H, W) if blank else torch.rand(B, 3, H, W) * 0.3
     if not blank:
@@ -523,7 +522,7 @@ def test_ablation_switches_select_the_terms():
 
 
 def test_predict_multiscale_merges_scales_by_nms():
-    from semi.sed import predict_multiscale
+    from engine.evaluation import predict_multiscale
 
     torch.manual_seed(0)
     detector = cpu_detector("fcos", score_thresh=0.0)

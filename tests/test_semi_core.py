@@ -17,12 +17,12 @@ from PIL import Image
 from torch import nn
 
 import semi
-from data.loader import Batch, UnlabeledBatch
 from data.transforms import TwoViewTransform, hflip_matrix, rotation_matrix, scale_matrix, translation_matrix
 from engine.config import resolve_config
-from semi.core import (UnsupOutput, carry_boxes, draw_pseudo_labels, frozen_norm_statistics, linear_ramp,
+from semi.core import (UnsupOutput, draw_pseudo_labels, frozen_norm_statistics, linear_ramp,
                        match_pseudo_labels, prefix, pseudo_label_quality, view_transform, weighted_total, zero_loss)
 from semi.ema import DenseTeacherEMA, EMATeacher, sed_momentum, soft_teacher_momentum
+from structures import Batch, UnlabeledBatch, carry_boxes
 
 
 # --------------------------------------------------------------------------------------------------------

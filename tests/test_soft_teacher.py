@@ -14,10 +14,9 @@ import pytest
 import torch
 
 import detectors
-from data.loader import Batch, UnlabeledBatch
+from structures import Batch, UnlabeledBatch
 from data.transforms import hflip_matrix, scale_matrix, translation_matrix
 from detectors.faster_rcnn import FasterRCNNCriterion, RoIOutput, SampledRoIs
-from semi.core import carry_boxes
 from semi.ema import EMATeacher
 from semi.soft_teacher import (LOSS_KEYS, SoftTeacher, SoftTeacherConfig, TeacherOutput, background_weights,
                                box_uncertainty, build_soft_teacher, carry_pseudo_boxes)

@@ -13,7 +13,7 @@ import torch
 import detectors
 import semi
 import train
-from data.loader import Batch, UnlabeledBatch
+from structures import Batch, UnlabeledBatch
 from engine.config import detector_kwargs
 from semi.ema import EMATeacher
 from engine.checkpoint import last_checkpoint, load_checkpoint

@@ -16,10 +16,11 @@ import evaluate
 import train
 from bench import multiscale
 from data.synthetic import BuiltinSpec, ensure_builtin
-from data.transforms import hflip_matrix, scale_matrix, warp_boxes
+from data.transforms import hflip_matrix, scale_matrix
 from engine.checkpoint import atomic_save, load_checkpoint
 from engine.config import resolve_config
 from engine.evaluation import boxes_to_original, hflip_batch, merge_detections
+from structures import warp_boxes
 
 SPEC = dict(num_train=24, num_val=6, image_size=64, min_size=8, max_size=40, max_objects=3, clutter=1.0)
 
