@@ -1,6 +1,6 @@
 """Batch types and box geometry: the bottom layer that data/, detectors/, semi/ and engine/ all import.
 
-    Batch, UnlabeledBatch          what the loaders yield and the methods take (ARCHITECTURE.md, "A batch")
+    Batch, UnlabeledBatch          what the loaders yield and the methods take (ARCHITECTURE.md, "data/")
     pad_to_multiple(images, m)     zero-pad a batch of images at the bottom / right to multiples of m
     warp_boxes(boxes, matrix)      boxes through a 3x3 map of pixel coordinates (the enclosing box of the corners)
     clip_boxes(boxes, image_sizes) boxes clamped to their image
@@ -26,7 +26,7 @@ from torch import Tensor
 
 @dataclass
 class Batch:
-    """A padded batch of B samples (ARCHITECTURE.md, "A batch").
+    """A padded batch of B samples (ARCHITECTURE.md, "data/").
 
     images: float32 (B, 3, H, W) in [0, 1], zero-padded at the bottom / right to a multiple of size_divisible.
     image_sizes: int64 (B, 2), (h, w) of each image's valid region. targets: B dicts {"boxes" float32 (N_i, 4)
@@ -126,7 +126,7 @@ def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
 def view_transform(src_matrix: Tensor, dst_matrix: Tensor) -> Tensor:
     """The (3, 3) float64 matrix mapping pixel coordinates of the source view to the destination view.
 
-    Each view records T: original image -> view, so M = T_dst @ inverse(T_src) (METHODS.md, "Views").
+    Each view records T: original image -> view, so M = T_dst @ inverse(T_src) (docs/METHODS.md, "Views").
     src_matrix, dst_matrix: (3, 3) or batched (B, 3, 3) -> same shape.
     """
     src = src_matrix.to(torch.float64)

@@ -8,15 +8,15 @@
     python train.py --method dense_teacher --amp bf16 --tensorboard   # mixed precision; TensorBoard event files
 
 Every setting is a flag (engine/config.py); `python train.py --help` lists them. The file reads top to
-bottom: config -> data -> model -> optimizer -> resume -> the loop -> the final evaluation.
+bottom: config -> data -> model -> optimizer -> resume (engine/checkpoint.py) -> the loop -> the final evaluation.
 
 One iteration (ARCHITECTURE.md, "The training loop and the method interface"):
 
     sup    = supervised losses of the student on a labeled batch
     unsup  = method.unsupervised_loss(student, teacher, unlabeled batch)       (skipped for --method supervised)
     total  = sum of weight * term over the "sup_*" and "unsup_*" terms          (semi.core: the one place)
-    total.backward(); clip; optimizer.step(); scheduler.step()
-    teacher <- EMA of the student                                              (a visible call, below)
+    optimizer_step(total): backward, clip, SGD step; then scheduler.step()
+    update_teacher(...): the teacher <- EMA of the student                      (a visible call, below)
 
 Several GPUs or machines (README, "Distributed training"): `torchrun --nproc_per_node 8 train.py ...` runs this
 file once per GPU. Each process (rank) takes 1 / N of every global batch; the loss computation runs inside one
@@ -27,40 +27,32 @@ DistributedDataParallel forward, so that backward averages the gradients and eve
 import functools
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
 import detectors
-import semi
 from data.coco import CocoDetection, load_unlabeled
 from data.loader import build_train_loaders, build_val_loader
 from data.splits import make_split, split_from_file, with_extra_unlabeled
 from data.transforms import build_eval_transform, build_labeled_transform, build_unlabeled_transform
 from detectors.precision import mixed_precision
 from engine import distributed
-from engine.checkpoint import (capture_rng_state, check_compatible, checkpoint_name, last_checkpoint, load_checkpoint,
-                               load_model_state, restore_rng_state, save_checkpoint)
-from engine.config import Config, DatasetFiles, dataset_files, detector_kwargs, parse_config
+from engine.checkpoint import (capture_rng_state, checkpoint_name, last_checkpoint, restore_run_rng, resume_run,
+                               save_checkpoint, seed_everything)
+from engine.config import Config, DatasetFiles, build_method, dataset_files, detector_kwargs, parse_config
 from engine.evaluation import evaluate, load_coco
 from engine.logger import MetricsLog, format_losses, progress_bar
 from engine.pretrain import PretrainSpec, ensure_pretrained_backbone
+from engine.pseudo_labels import draw_pseudo_labels, pseudo_label_quality
 from engine.results import baseline_for, format_reference
-from semi.core import draw_pseudo_labels, frozen_norm_statistics, prefix, pseudo_label_quality, weighted_total
+from semi.core import Method, frozen_norm_statistics, prefix, weighted_total
 from semi.ema import EMATeacher
 from structures import Batch, UnlabeledBatch
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def lr_factor(iteration: int, *, cfg: Config) -> float:
@@ -189,6 +181,35 @@ def iteration_losses(*, student, teacher, method, labeled: Batch, unlabeled: Unl
     return IterationLosses(total=total, losses=losses, weights=weights, stats=stats, pseudo_boxes=pseudo_boxes)
 
 
+def optimizer_step(total: Tensor, *, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   params: list[Tensor], clip_grad_norm: float) -> dict[str, float]:
+    """One step of the optimizer on the weighted total: backward (the loss scaled under float16), the gradients
+    clipped to `clip_grad_norm` (0: not clipped), the step, the loss scale updated.
+
+    Returns {"grad_norm": the norm before clipping} when clipping, and {"loss_scale"} under float16."""
+    stats = {}
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()  # under DDP the gradients are averaged over the ranks here
+    if clip_grad_norm > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm))
+    scaler.step(optimizer)  # float16: skipped when a gradient overflowed, and the scale is lowered
+    scaler.update()
+    if scaler.is_enabled():
+        stats["loss_scale"] = scaler.get_scale()
+    return stats
+
+
+def update_teacher(ema: EMATeacher, student_model: torch.nn.Module, method: Method, iteration: int) -> float | None:
+    """The teacher follows the student: theta_t <- m * theta_t + (1 - m) * theta_s, m the method's momentum
+    after step `iteration` (docs/METHODS.md, "The teacher"), over the parameters, and the BatchNorm buffers
+    too where the method says so. Returns m; None: no update this iteration."""
+    momentum = method.ema_momentum(iteration)
+    if momentum is not None:
+        ema.update(student_model, momentum=momentum, include_buffers=method.ema_include_buffers)
+    return momentum
+
+
 def train(cfg: Config) -> dict:
     """Run the training `cfg` describes. Returns the final evaluation {"student": metrics, "teacher": metrics}
     (no "teacher" for supervised runs), metrics as in engine.evaluation.METRIC_NAMES.
@@ -215,7 +236,7 @@ def train(cfg: Config) -> dict:
     seed_everything(cfg.seed)
 
     # A method owns its unsupervised loss, its loss weights (burn-in included) and its teacher's EMA rate.
-    method = semi.build_method(cfg.method, cfg=cfg, detector_name=cfg.detector)  # None for "supervised"
+    method = build_method(cfg.method, cfg=cfg, detector_name=cfg.detector)  # None for "supervised"
 
     # ---- data ------------------------------------------------------------------------------------------------
     files, labeled, unlabeled, categories = training_sets(cfg, method, out_dir=out_dir)
@@ -254,31 +275,21 @@ def train(cfg: Config) -> dict:
         seed_everything(distributed.rank_seed(cfg.seed))
 
     # ---- resume ----------------------------------------------------------------------------------------------
-    start_iter = 0
     log = MetricsLog(out_dir / "metrics.jsonl", tensorboard=cfg.tensorboard) if main else None
     # Rank 0 picks the checkpoint and every rank loads it (a run directory all ranks can read).
     resume_from = distributed.broadcast(last_checkpoint(out_dir) if cfg.resume and main else None)
+    resumed = None
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        check_compatible(state, path=resume_from, detector=cfg.detector, num_classes=labeled.num_classes)
-        load_model_state(student.model, state["model"], path=resume_from)
-        if ema is not None and state["teacher"] is not None:
-            load_model_state(ema.model, state["teacher"], path=resume_from, what="teacher")
-        elif ema is not None:  # a supervised checkpoint continued by a method: the teacher starts as the student
-            ema.copy_from(student.model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler.is_enabled() and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])  # the loss scale a float16 run had reached
-        start_iter = state["iteration"]
-        changed = sorted(k for k, v in state["config"].items() if k != "resume" and getattr(cfg, k, v) != v)
-        if main and changed:
-            print(f"note: these settings differ from the checkpoint's: {changed}", flush=True)
+        resumed = resume_run(resume_from, cfg=cfg, model=student.model, ema=ema, optimizer=optimizer,
+                             scheduler=scheduler, scaler=scaler, num_classes=labeled.num_classes)
         if main:
-            log.drop_after(start_iter)  # lines a crashed run wrote after its last checkpoint
-            print(f"resumed from {resume_from} at iteration {start_iter}", flush=True)
+            if resumed.changed:
+                print(f"note: these settings differ from the checkpoint's: {resumed.changed}", flush=True)
+            log.drop_after(resumed.iteration)  # lines a crashed run wrote after its last checkpoint
+            print(f"resumed from {resume_from} at iteration {resumed.iteration}", flush=True)
     elif cfg.resume and main:
         print(f"--resume: no checkpoint in {out_dir}, starting from scratch", flush=True)
+    start_iter = resumed.iteration if resumed is not None else 0
 
     # The loaders skip the batches already consumed; every augmentation is seeded by its position in the
     # sample stream, so a resumed run sees the images and views an uninterrupted one would.
@@ -288,14 +299,9 @@ def train(cfg: Config) -> dict:
                                   seed=cfg.seed, rank=distributed.rank(), world_size=world,
                                   num_workers=cfg.num_workers, size_divisible=cfg.size_divisible,
                                   start_batch=start_iter, pin_memory=device.type == "cuda")
-    if resume_from is not None:  # the methods' own draws (jitter, sampling) continue in step too, rank by rank
-        rng_per_rank = state["extra"].get("rng_per_rank") or []
-        if world == 1:
-            restore_rng_state(state["rng"])
-        elif len(rng_per_rank) == world:
-            restore_rng_state(rng_per_rank[distributed.rank()])
-        else:  # a checkpoint of another number of ranks: fresh draws, still reproducible
-            seed_everything(distributed.rank_seed(cfg.seed + start_iter))
+    if resumed is not None:  # the methods' own draws (jitter, sampling) continue in step too, rank by rank
+        restore_run_rng(resumed, rank=distributed.rank(), world_size=world,
+                        fallback_seed=distributed.rank_seed(cfg.seed + start_iter))
 
     def run_evaluation(iteration: int, *, max_images: int | None) -> dict:
         models = {"student": student} | ({"teacher": teacher} if teacher is not None else {})
@@ -340,26 +346,16 @@ def train(cfg: Config) -> dict:
         check_finite(total, losses, iteration)
 
         lr = optimizer.param_groups[0]["lr"]  # this iteration's
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()  # under DDP the gradients are averaged over the ranks here
-        if cfg.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
-        scaler.step(optimizer)  # float16: skipped when a gradient overflowed, and the scale is lowered
-        scaler.update()
-        if scaler.is_enabled():
-            stats["loss_scale"] = scaler.get_scale()
+        stats |= optimizer_step(total, optimizer=optimizer, scaler=scaler, params=params,
+                                clip_grad_norm=cfg.clip_grad_norm)
         scheduler.step()
         # BatchNorm without sync (CPU) saw only its rank's images: one running mean / var for all, before the EMA.
         distributed.average_buffers(student.model)
 
-        # The teacher follows the student: theta_t <- m * theta_t + (1 - m) * theta_s (METHODS.md, "Teacher").
+        # The teacher follows the student by EMA (Soft Teacher over the parameters; the others the whole state).
         if method is not None:
-            momentum = method.ema_momentum(iteration)
+            momentum = update_teacher(ema, student.model, method, iteration)
             if momentum is not None:
-                # Soft Teacher averages the parameters only; Dense Teacher and SED the whole state (BN too).
-                ema.update(student.model, momentum=momentum,
-                           include_buffers=getattr(method, "ema_include_buffers", True))
                 stats["ema_momentum"] = momentum
 
         # ---- logging, evaluation, checkpoints (each keyed by the number of iterations done) ----

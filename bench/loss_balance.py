@@ -17,8 +17,8 @@ A supervised run's checkpoint has no teacher. With `--method NAME` it is read as
 continues a supervised run: the teacher is the student, and the method's settings are its preset's for the
 checkpoint's dataset and detector (its `method_args` and unlabeled batch), the rest the checkpoint's own.
 
-Example (the SED preset on Faster R-CNN at the end of its burn-in, README "Status"): each of the re-weighted RPN
-classification KLs pulled on the objectness layer 70-160x as hard as the supervised RPN loss.
+Example (the SED preset on Faster R-CNN at the end of its burn-in, docs/EXPERIMENTS.md, "SED's preset"): each of
+the re-weighted RPN classification KLs pulled on the objectness layer 70-160x as hard as the supervised RPN loss.
 """
 
 import argparse
@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import detectors  # noqa: E402
-import semi  # noqa: E402
 from data.loader import build_train_loaders  # noqa: E402
 from engine.checkpoint import load_checkpoint, load_model_state  # noqa: E402
-from engine.config import METHODS, Config, dataset_preset, detector_kwargs, parse_key_value  # noqa: E402
+from engine.config import (METHODS, Config, build_method, dataset_preset, detector_kwargs,  # noqa: E402
+                           parse_key_value)
 from train import iteration_losses, labeled_views, training_sets  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.method, cfg.method_args, cfg.unlabeled_batch = args.method, preset.method_args, preset.unlabeled_batch
         state["teacher"] = state["model"]
     cfg.method_args |= dict(args.method_args)
-    method = semi.build_method(cfg.method, cfg=cfg, detector_name=cfg.detector)
+    method = build_method(cfg.method, cfg=cfg, detector_name=cfg.detector)
     meta = state["meta"]
     student = detectors.build_detector(cfg.detector, num_classes=meta["num_classes"], **detector_kwargs(cfg))
     teacher = detectors.build_detector(cfg.detector, num_classes=meta["num_classes"], **detector_kwargs(cfg))

@@ -5,8 +5,9 @@
 
 Supervised step: supervised losses of the student on the labeled batch, backward, SGD step.
 Soft Teacher step: the same, plus the unsupervised loss on the unlabeled batch (teacher on the weak view, box
-jittering, student on the strong view, BG-T, the regression pass) and the EMA update of the teacher, as
-train.py runs it. Batches are built once in memory (random images; loading is not timed).
+jittering, student on the strong view, BG-T, the regression pass) and the EMA update of the teacher, through
+train.py's own functions (every pass updating the BatchNorm statistics, no clipping). Batches are built once in
+memory (random images; loading is not timed).
 
 An untrained teacher scores below every threshold and would skip box jittering; to time the step a trained
 teacher costs, every detection is kept (thresholds 0) and the teacher keeps `--pseudo-per-image` of them,
@@ -18,7 +19,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,41 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repository's packages
 
 import detectors  # noqa: E402
-from structures import Batch, UnlabeledBatch  # noqa: E402
-from data.transforms import hflip_matrix, scale_matrix  # noqa: E402
+from bench.common import random_batch, time_steps, two_views  # noqa: E402
 from engine.config import detector_kwargs, resolve_config  # noqa: E402
-from semi.core import prefix, weighted_total  # noqa: E402
 from semi.ema import EMATeacher  # noqa: E402
 from semi.soft_teacher import SoftTeacher, SoftTeacherConfig  # noqa: E402
+from train import iteration_losses, optimizer_step, update_teacher  # noqa: E402
 
 NUM_CLASSES = 8
-
-
-def random_batch(batch_size: int, size: int, *, matrices: list[torch.Tensor], generator: torch.Generator,
-                 max_boxes: int = 5) -> Batch:
-    """B random images of size x size with 1..max_boxes random boxes each (labels 0..NUM_CLASSES-1)."""
-    targets = []
-    for _ in range(batch_size):
-        n = int(torch.randint(1, max_boxes + 1, (), generator=generator))
-        xy = torch.rand(n, 2, generator=generator) * size * 0.7
-        wh = 8 + torch.rand(n, 2, generator=generator) * size * 0.3
-        boxes = torch.cat([xy, (xy + wh).clamp(max=size)], dim=1)  # (n, 4) xyxy
-        targets.append({"boxes": boxes, "labels": torch.randint(0, NUM_CLASSES, (n,), generator=generator),
-                        "crowd": torch.zeros(0, 4)})
-    return Batch(images=torch.rand(batch_size, 3, size, size, generator=generator),
-                 image_sizes=torch.tensor([[size, size]] * batch_size), targets=targets,
-                 matrices=torch.stack(matrices), image_ids=list(range(batch_size)),
-                 orig_sizes=[(size, size)] * batch_size)
-
-
-def time_steps(step, *, steps: int, warmup: int) -> list[float]:
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,41 +60,24 @@ def main(argv: list[str] | None = None) -> dict:
                                            teacher_rpn_post_nms=cfg.rpn_post_nms_test))
     params = [p for p in student.model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # float32: every call passes through
 
     generator = torch.Generator().manual_seed(0)
-    eye = torch.eye(3, dtype=torch.float64)
-    labeled = random_batch(n_l, args.size, matrices=[eye] * n_l, generator=generator)
-    weak = random_batch(n_u, args.size, matrices=[eye] * n_u, generator=generator)
-    strong_matrices = [hflip_matrix(args.size) @ scale_matrix(0.9, 0.9) if i % 2 else scale_matrix(0.9, 0.9)
-                       for i in range(n_u)]
-    strong = random_batch(n_u, args.size, matrices=strong_matrices, generator=generator)
-    unlabeled = UnlabeledBatch(weak=weak, strong=strong)
-
-    def supervised_step():
-        losses = prefix(detectors.supervised_losses(student, labeled.images, labeled.image_sizes, labeled.targets),
-                        "sup_")
-        total = weighted_total(losses, {})
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-
+    labeled = random_batch(n_l, args.size, generator=generator, num_classes=NUM_CLASSES)
+    unlabeled = two_views(n_u, args.size, aligned=False, generator=generator, num_classes=NUM_CLASSES)
     iteration = 0
 
-    def soft_teacher_step():
+    def step(method_or_none):  # train.py's iteration: losses, optimizer step, the teacher's EMA update
         nonlocal iteration
-        losses = prefix(detectors.supervised_losses(student, labeled.images, labeled.image_sizes, labeled.targets),
-                        "sup_")
-        unsup = method.unsupervised_loss(student=student, teacher=teacher, unlabeled=unlabeled, iteration=iteration)
-        losses |= prefix(unsup.losses, "unsup_")
-        total = weighted_total(losses, method.loss_weights(iteration))
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        ema.update(student.model, momentum=method.ema_momentum(iteration), include_buffers=method.ema_include_buffers)
-        iteration += 1
+        out = iteration_losses(student=student, teacher=teacher, method=method_or_none, labeled=labeled,
+                               unlabeled=unlabeled, iteration=iteration, norm_stats="all")
+        optimizer_step(out.total, optimizer=optimizer, scaler=scaler, params=params, clip_grad_norm=0.0)
+        if method_or_none is not None:
+            update_teacher(ema, student.model, method_or_none, iteration)
+            iteration += 1
 
-    supervised = time_steps(supervised_step, steps=args.steps, warmup=args.warmup)
-    soft = time_steps(soft_teacher_step, steps=args.steps, warmup=args.warmup)
+    supervised = time_steps(lambda: step(None), steps=args.steps, warmup=args.warmup)
+    soft = time_steps(lambda: step(method), steps=args.steps, warmup=args.warmup)
     result = {"labeled": n_l, "unlabeled": n_u, "size": args.size, "threads": torch.get_num_threads(),
               "supervised_s": statistics.mean(supervised), "soft_teacher_s": statistics.mean(soft)}
     result["ratio"] = result["soft_teacher_s"] / result["supervised_s"]

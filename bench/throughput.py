@@ -5,9 +5,10 @@
     python bench/throughput.py --amp bf16                    # the same under mixed precision
     python bench/throughput.py --scaling-method dense_teacher --sizes 96 128 192 256 --batches 2 4 8
 
-One step is what train.py runs per iteration (`train.iteration_losses`, then the rest of its loop): the
-supervised loss on the labeled batch and the method's unsupervised loss on the unlabeled one (teacher on the
-weak view, student on the strong view), backward, gradient clipping, SGD step, and the teacher's EMA update.
+One step is what train.py runs per iteration, through its own functions (`iteration_losses`, `optimizer_step`,
+`update_teacher`): the supervised loss on the labeled batch and the method's unsupervised loss on the unlabeled
+one (teacher on the weak view, student on the strong view), backward, gradient clipping, SGD step, and the
+teacher's EMA update.
 The model and batch sizes are the built-in preset's (ResNet-18, 64-channel FPN, 8 labeled + 4 unlabeled images
 of 128 px), each method on its paper's detector, the supervised baseline on both detectors.
 
@@ -31,51 +32,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repository's packages
 
 import detectors  # noqa: E402
-import semi  # noqa: E402
-from structures import Batch, UnlabeledBatch  # noqa: E402
-from data.transforms import hflip_matrix, scale_matrix  # noqa: E402
+from bench.common import random_batch, two_views  # noqa: E402
 from detectors.precision import mixed_precision  # noqa: E402
-from engine.config import PAPER_DETECTOR, detector_kwargs, resolve_config  # noqa: E402
+from engine.config import PAPER_DETECTOR, build_method, detector_kwargs, resolve_config  # noqa: E402
 from semi.ema import EMATeacher  # noqa: E402
-from train import iteration_losses, labeled_views  # noqa: E402
+from train import iteration_losses, labeled_views, optimizer_step, update_teacher  # noqa: E402
 
 NUM_CLASSES = 6  # the built-in dataset's
 RUNS = [("supervised", "fcos"), ("supervised", "faster_rcnn"), ("soft_teacher", "faster_rcnn"),
         ("dense_teacher", "fcos"), ("sed", "faster_rcnn")]
 TRAINED_SOFT_TEACHER = {"initial_score_thr": 0.0, "rpn_score_thr": 0.0, "cls_score_thr": 0.0,
                         "teacher_detections": 17}
-
-
-def random_batch(batch_size: int, size: int, *, generator: torch.Generator, matrices=None, images=None,
-                 max_boxes: int = 5) -> Batch:
-    """B images of size x size (random unless given) with 1..max_boxes random boxes each."""
-    targets = []
-    for _ in range(batch_size):
-        n = int(torch.randint(1, max_boxes + 1, (), generator=generator))
-        xy = torch.rand(n, 2, generator=generator) * size * 0.7
-        wh = 8 + torch.rand(n, 2, generator=generator) * size * 0.3
-        targets.append({"boxes": torch.cat([xy, (xy + wh).clamp(max=size)], dim=1),  # (n, 4) xyxy
-                        "labels": torch.randint(0, NUM_CLASSES, (n,), generator=generator),
-                        "crowd": torch.zeros(0, 4)})
-    if images is None:
-        images = torch.rand(batch_size, 3, size, size, generator=generator)
-    if matrices is None:
-        matrices = torch.eye(3, dtype=torch.float64).expand(batch_size, 3, 3).clone()
-    return Batch(images=images, image_sizes=torch.tensor([[size, size]] * batch_size), targets=targets,
-                 matrices=matrices, image_ids=list(range(batch_size)), orig_sizes=[(size, size)] * batch_size)
-
-
-def two_views(batch_size: int, size: int, *, aligned: bool, generator: torch.Generator) -> UnlabeledBatch:
-    """Weak and strong views: the same geometry with other pixels (aligned: Dense Teacher, SED), or a
-    rescaled, every other image mirrored, strong view (Soft Teacher's own geometry)."""
-    weak = random_batch(batch_size, size, generator=generator)
-    strong_images = (weak.images + 0.1 * torch.randn(weak.images.shape, generator=generator)).clamp(0, 1)
-    matrices = None
-    if not aligned:
-        matrices = torch.stack([hflip_matrix(size) @ scale_matrix(0.9, 0.9) if i % 2 else scale_matrix(0.9, 0.9)
-                                for i in range(batch_size)])
-    strong = random_batch(batch_size, size, generator=generator, images=strong_images, matrices=matrices)
-    return UnlabeledBatch(weak=weak, strong=strong)
 
 
 def time_training_step(method_name: str, detector_name: str, *, size: int, labeled: int, unlabeled: int, amp: str,
@@ -88,7 +55,7 @@ def time_training_step(method_name: str, detector_name: str, *, size: int, label
     cfg = resolve_config(overrides)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    method = semi.build_method(cfg.method, cfg=cfg, detector_name=cfg.detector)
+    method = build_method(cfg.method, cfg=cfg, detector_name=cfg.detector)
     student = detectors.build_detector(cfg.detector, num_classes=NUM_CLASSES, **detector_kwargs(cfg))
     student.model.train()
     ema = EMATeacher(student.model) if method is not None else None
@@ -99,10 +66,11 @@ def time_training_step(method_name: str, detector_name: str, *, size: int, label
     scaler = torch.amp.GradScaler("cpu", enabled=cfg.amp == "fp16")
 
     two_view_labeled = method is not None and "strong" in method.labeled_views
-    batch = (two_views(labeled, size, aligned=True, generator=generator) if two_view_labeled
-             else random_batch(labeled, size, generator=generator))
+    batch = (two_views(labeled, size, aligned=True, generator=generator, num_classes=NUM_CLASSES) if two_view_labeled
+             else random_batch(labeled, size, generator=generator, num_classes=NUM_CLASSES))
     labeled_batch, labeled_strong = labeled_views(batch)
-    unlabeled_batch = (two_views(unlabeled, size, aligned=method.unlabeled_aligned, generator=generator)
+    unlabeled_batch = (two_views(unlabeled, size, aligned=method.unlabeled_aligned, generator=generator,
+                                 num_classes=NUM_CLASSES)
                        if method is not None else None)
     iteration = cfg.max_iter - 1  # past every burn-in and ramp: the unsupervised loss runs at full weight
 
@@ -115,19 +83,10 @@ def time_training_step(method_name: str, detector_name: str, *, size: int, label
                                    labeled_strong=labeled_strong, unlabeled=unlabeled_batch, iteration=iteration,
                                    norm_stats=cfg.norm_stats)
         forward = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out.total).backward()
-        if cfg.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(out.total, optimizer=optimizer, scaler=scaler, params=params, clip_grad_norm=cfg.clip_grad_norm)
         backward = time.perf_counter()
         if method is not None:
-            momentum = method.ema_momentum(iteration)
-            if momentum is not None:
-                ema.update(student.model, momentum=momentum,
-                           include_buffers=getattr(method, "ema_include_buffers", True))
+            update_teacher(ema, student.model, method, iteration)
         end = time.perf_counter()
         if step >= warmup:
             parts["forward"].append(forward - start)

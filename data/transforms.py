@@ -5,7 +5,7 @@ Every geometric transform is an affine map of pixel coordinates, kept as a 3x3 m
 [x1, y1, x2, y2] encloses whole pixels and a resize by s maps it exactly to s * box. The sample's `matrix`
 accumulates the maps, `matrix <- A @ matrix`, so it always takes original-image coordinates to the view's.
 A box seen in view a moves to view b by `M = T_b @ inverse(T_a)`: `warp_boxes(boxes, M)` transforms its four
-corners and takes their enclosing box (METHODS.md, "Views").
+corners and takes their enclosing box (docs/METHODS.md, "Views"; `structures.py`).
 
 Every random transform is called as `t(sample, generator)` and draws only from that `torch.Generator`
 (None: torch's global generator), so a seeded generator reproduces the view.
@@ -367,7 +367,7 @@ def build_labeled_transform(*, short_sides: Sequence[int], max_size: int, flip_p
 
 
 def build_photometric() -> Compose:
-    """The strong view's pixel-aligned ops (METHODS.md, "Views")."""
+    """The strong view's pixel-aligned ops (docs/METHODS.md, "Views")."""
     return Compose([ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8), RandomGrayscale(p=0.2),
                     GaussianBlur(sigma=(0.1, 2.0), p=0.5), RandomErasing()])
 

@@ -414,7 +414,8 @@ class FasterRCNNCriterion:
         """anchors (N, 4) -> labels int64 (B, N): 1 object, 0 background, -1 ignored; matched gt (B, N, 4).
 
         One call for the batch: the gt boxes are padded to (B, G, 4) and the padding rows never match."""
-        gt, gt_valid = pad_per_image([t["boxes"].to(anchors.dtype) for t in targets], fill=0.0, min_rows=1)  # (B, G, 4), (B, G)
+        gt, gt_valid = pad_per_image([t["boxes"].to(anchors.dtype) for t in targets], fill=0.0,
+                                     min_rows=1)  # (B, G, 4), (B, G)
         index = self.rpn_matcher(box_iou(gt, anchors), gt_valid)  # (B, G, N) -> (B, N) gt index or sentinel
         labels = torch.where(index >= 0, 1, torch.where(index == Matcher.BELOW_LOW_THRESHOLD, 0, -1))
         # Background anchors inside a crowd region are ignored; positives stay positive.

@@ -23,6 +23,7 @@ Writes go to a temporary file in the same directory, are fsync'ed, and replace t
 import os
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,6 +56,13 @@ def capture_rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators (torch's seeds every CUDA device too)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def restore_rng_state(state: dict) -> None:
@@ -220,3 +228,57 @@ def load_model_state(module: nn.Module, state_dict: dict, *, path: str | Path, w
                 lines.append(f"  {title}: " + "; ".join(shown))
         raise ValueError("\n".join(lines))
     module.load_state_dict(state_dict)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resuming a run
+# --------------------------------------------------------------------------------------------------------
+
+
+class Resumed(NamedTuple):
+    """What `resume_run` restored, and what the caller restores later itself."""
+
+    path: Path  # the checkpoint
+    iteration: int  # the next iteration to run
+    rng: dict  # capture_rng_state() of the process that saved it (rank 0)
+    rng_per_rank: list[dict]  # every rank's generators in a distributed run; [] in a single process
+    changed: list[str]  # the settings of cfg that differ from the checkpoint's ("resume" aside)
+
+
+def resume_run(path: str | Path, *, cfg, model: nn.Module, ema, optimizer, scheduler, scaler,
+               num_classes: int) -> Resumed:
+    """Load a run's checkpoint into the objects of the run that continues it.
+
+    cfg: the resolved `engine.config.Config` (its detector must match the checkpoint's); model: the student;
+    ema: the `semi.ema.EMATeacher` of a method, or None (a supervised checkpoint continued by a method gets a
+    teacher that starts as the student); scaler: the gradient scaler, restored when it is enabled and the
+    checkpoint has its state (the loss scale a float16 run had reached). The generators are left alone: the
+    caller restores them (`restore_run_rng`) once its loaders are built, since building them draws.
+    """
+    path = Path(path)
+    state = load_checkpoint(path)
+    check_compatible(state, path=path, detector=cfg.detector, num_classes=num_classes)
+    load_model_state(model, state["model"], path=path)
+    if ema is not None and state["teacher"] is not None:
+        load_model_state(ema.model, state["teacher"], path=path, what="teacher")
+    elif ema is not None:  # a supervised checkpoint continued by a method: the teacher starts as the student
+        ema.copy_from(model)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    changed = sorted(k for k, v in state["config"].items() if k != "resume" and getattr(cfg, k, v) != v)
+    return Resumed(path=path, iteration=state["iteration"], rng=state["rng"],
+                   rng_per_rank=state["extra"].get("rng_per_rank") or [], changed=changed)
+
+
+def restore_run_rng(resumed: Resumed, *, rank: int, world_size: int, fallback_seed: int) -> None:
+    """The generators of a resumed run, so that the methods' own draws (jitter, sampling) continue in step:
+    the saved ones of a single process, this rank's of a distributed run of as many ranks, or, from a
+    checkpoint of another number of ranks, fresh ones seeded with `fallback_seed` (still reproducible)."""
+    if world_size == 1:
+        restore_rng_state(resumed.rng)
+    elif len(resumed.rng_per_rank) == world_size:
+        restore_rng_state(resumed.rng_per_rank[rank])
+    else:
+        seed_everything(fallback_seed)

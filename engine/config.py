@@ -10,7 +10,8 @@ How a value is chosen, last wins:
   3. `--flags` on the command line, one per field (`--max-iter 300`, `--train-sizes 112 128 144`,
      `--method-args unsup_weight=2 jitter_times=5`, `--no-resume`).
 Method hyperparameters (burn-in, thresholds, EMA rate...) live in each method's own config dataclass in
-`semi/`; `method_args` only overrides them, by name.
+`semi/`; `soft_teacher_config`, `dense_teacher_config` and `sed_config` map a run's settings onto them, and
+`method_args` overrides them by name. `build_method` builds the method a run names.
 
 The resolved config is printed, saved as `config.json` in the run directory and stored in every checkpoint
 as plain values (`to_dict` / `from_dict`), so `evaluate.py` can rebuild the model from a checkpoint alone.
@@ -28,6 +29,9 @@ from typing import NamedTuple
 
 from data.coco import coco_paths
 from data.synthetic import BuiltinSpec, ensure_builtin
+from semi.dense_teacher import DenseTeacherConfig, build_dense_teacher
+from semi.sed import SEDConfig, build_sed
+from semi.soft_teacher import SoftTeacherConfig, build_soft_teacher
 
 DATASETS = ("builtin", "coco", "custom")
 METHODS = ("supervised", "soft_teacher", "dense_teacher", "sed")
@@ -279,7 +283,7 @@ def builtin_preset(method: str, detector: str, max_iter: int = BUILTIN_ITERATION
 
 
 def coco_preset(method: str, detector: str) -> Config:
-    """The papers' COCO settings (METHODS.md): ResNet-50 FPN, 180k iterations, SGD lr 0.01, steps at 120k/160k.
+    """The papers' COCO settings (docs/METHODS.md): ResNet-50 FPN, 180k iterations, SGD lr 0.01, steps at 120k/160k.
 
     Soft Teacher: 8 GPUs x (1 labeled + 4 unlabeled), 500-iteration warm-up, short side drawn from 400-1200
     (its (1333, 400)-(1333, 1200) range, here in steps of 32). Dense Teacher: 16 + 16, 1k warm-up, no LR decay,
@@ -367,6 +371,56 @@ def detector_kwargs(cfg: Config) -> dict:
                              rpn_post_nms_train=cfg.rpn_post_nms_train, rpn_post_nms_test=cfg.rpn_post_nms_test,
                              roi_batch_size=cfg.roi_batch_size, roi_canonical_scale=cfg.roi_canonical_scale)
     raise ValueError(f"config: unknown detector {cfg.detector!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# From settings to a method: each method's own config dataclass, then its builder
+# --------------------------------------------------------------------------------------------------------
+
+
+def soft_teacher_config(cfg: Config) -> SoftTeacherConfig:
+    """Soft Teacher's settings for a run: its teacher proposes with the run's training pre-NMS count and test
+    post-NMS count (2000 / 1000 on COCO, as the authors' `rpn_proposal`), then `cfg.method_args` by field name."""
+    run = dict(teacher_rpn_pre_nms=cfg.rpn_pre_nms_train, teacher_rpn_post_nms=cfg.rpn_post_nms_test)
+    return _method_config(SoftTeacherConfig, "Soft Teacher", run, cfg.method_args)
+
+
+def dense_teacher_config(cfg: Config) -> DenseTeacherConfig:
+    """Dense Teacher's settings for a run: DenseTeacherConfig's defaults updated by `cfg.method_args`."""
+    return _method_config(DenseTeacherConfig, "Dense Teacher", {}, cfg.method_args)
+
+
+def sed_config(cfg: Config) -> SEDConfig:
+    """SED's settings for a run: Eq. 1's batch sizes, Table 9's first LR milestone, the run's length (the
+    cosine EMA's horizon), the supervised branch's proposal count for the RoI terms (Sec. 3.1), then
+    `cfg.method_args` by field name."""
+    milestones = cfg.milestone_iters()
+    run = dict(num_labeled=cfg.labeled_batch, num_unlabeled=cfg.unlabeled_batch,
+               ema_milestone=milestones[0] if milestones else None, max_iter=cfg.max_iter,
+               roi_topk=cfg.rpn_post_nms_train)
+    return _method_config(SEDConfig, "SED", run, cfg.method_args)
+
+
+def _method_config(config_class, name: str, run: dict, method_args: dict):
+    """config_class(**(run | method_args)), naming every key of method_args that is not one of its fields."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(method_args) - known)
+    if unknown:
+        raise ValueError(f"config: unknown {name} settings {unknown} in method_args; known: {sorted(known)}")
+    return config_class(**(run | method_args))
+
+
+def build_method(name: str, *, cfg: Config, detector_name: str):
+    """The method object of `train.py` (a `semi.core.Method`) for a run's settings; None for "supervised"."""
+    if name == "supervised":
+        return None
+    if name == "soft_teacher":
+        return build_soft_teacher(soft_teacher_config(cfg), detector_name=detector_name)
+    if name == "dense_teacher":
+        return build_dense_teacher(dense_teacher_config(cfg), detector_name=detector_name)
+    if name == "sed":
+        return build_sed(sed_config(cfg), detector_name=detector_name)
+    raise ValueError(f"config: unknown method {name!r}; expected one of {METHODS}")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""What the three methods share: loss bookkeeping, the unsupervised weight's ramp, boxes moved between views,
-and pseudo-label diagnostics.
+"""What the three methods share: the method interface, loss bookkeeping, the unsupervised weight's ramp, and
+BatchNorm statistics kept to the labeled view.
 
-Loss bookkeeping (METHODS.md, "Loss"): a detector's criterion and a method's `unsupervised_loss` return
+Loss bookkeeping (docs/METHODS.md, "Loss"): a detector's criterion and a method's `unsupervised_loss` return
 unweighted terms with the same key names ("loss_cls", "loss_box", ...). The training loop prefixes them
 (`sup_` / `unsup_`) and `weighted_total` is the one place where the weights are applied:
 
@@ -12,29 +12,23 @@ BatchNorm statistics: a detector trained from scratch keeps trainable BatchNorm,
 what the teacher and the evaluation normalise with. `frozen_norm_statistics` keeps them those of the labeled
 weak view, the images a detector is tested on, while the student also sees strong views and X_hat.
 
-Diagnostics: the "unlabeled" images of the built-in dataset and of COCO do have annotations. They never
-reach a loss, but `pseudo_label_quality` scores the teacher's pseudo-boxes against them (precision and
-recall at IoU 0.5), and `draw_pseudo_labels` draws one image's pseudo-boxes on the weak view and carried
-onto the strong view.
+Boxes move between views with `structures.carry_boxes`; the pseudo-label diagnostics against the hidden
+annotations are `engine/pseudo_labels.py`.
 """
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
+from typing import Protocol
 
-import torch
-from PIL import Image
 from torch import Tensor, nn
-from torchvision.ops import box_iou
 
-from structures import carry_boxes
+from detectors import Detector
+from structures import UnlabeledBatch
 
 
 @dataclass
 class UnsupOutput:
-    """What `method.unsupervised_loss(...)` returns (ARCHITECTURE.md, "The method interface").
+    """What `method.unsupervised_loss(...)` returns (ARCHITECTURE.md, "The training loop and the method interface").
 
     losses: unweighted scalar terms, keys without prefix ("loss_cls", ...); the same keys every iteration,
         finite even when there is no pseudo-label (then 0, connected to the graph).
@@ -47,6 +41,27 @@ class UnsupOutput:
     losses: dict[str, Tensor]
     pseudo_boxes: list[dict[str, Tensor]] | None = None
     stats: dict[str, float] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    """What the training loop reads of a method: every attribute train.py and bench/ use, and nothing else
+    (ARCHITECTURE.md, "The training loop and the method interface"). Soft Teacher, Dense Teacher and SED
+    implement it; "supervised" is no method (None)."""
+
+    labeled_views: tuple[str, ...]  # ("weak",) or ("weak", "strong"): the views the supervised loss is taken on
+    unlabeled_aligned: bool  # the strong view is pixel-aligned with the weak one (Dense Teacher, SED)
+    teacher_init_iteration: int  # the teacher is (re)copied from the student at this iteration
+    ema_include_buffers: bool  # the EMA averages floating-point buffers (BatchNorm statistics) too, or copies them
+
+    def unsupervised_loss(self, *, student: Detector, teacher: Detector, unlabeled: UnlabeledBatch,
+                          iteration: int) -> "UnsupOutput":
+        """The unweighted unsupervised terms of one iteration (UnsupOutput)."""
+
+    def loss_weights(self, iteration: int) -> dict[str, float]:
+        """The weight of each "unsup_<key>" term at `iteration`, burn-in and ramp included."""
+
+    def ema_momentum(self, iteration: int) -> float | None:
+        """The teacher's EMA momentum after step `iteration`; None: no update."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -132,97 +147,3 @@ def frozen_norm_statistics(model: nn.Module, *, enabled: bool = True):
         for m, (momentum, count) in zip(norms, saved):
             m.momentum = momentum
             m.num_batches_tracked.copy_(count)  # an int64 counter that no backward reads
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Pseudo-label diagnostics
-# ------------------------------------------------------------------------------------------------------------
-
-
-def match_pseudo_labels(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Tensor, gt_labels: Tensor, *,
-                        iou: float = 0.5) -> Tensor:
-    """Greedy, class-aware matching of one image's pseudo-boxes to its hidden ground truth.
-
-    In decreasing score order (ties by index), each pseudo-box takes the still unmatched ground-truth box
-    of its class with the highest IoU, if that IoU is >= `iou` (the PASCAL / COCO evaluation rule).
-    boxes: (K, 4) xyxy, scores: (K,), labels: (K,) int64; gt_boxes: (N, 4) xyxy, gt_labels: (N,) int64, in
-    the same frame. Returns bool (K,): which pseudo-boxes are true positives.
-    """
-    K, N = len(boxes), len(gt_boxes)
-    hit = torch.zeros(K, dtype=torch.bool, device=boxes.device)
-    if K == 0 or N == 0:
-        return hit
-    overlaps = box_iou(boxes.double(), gt_boxes.double())  # (K, N)
-    overlaps[labels[:, None] != gt_labels[None, :]] = -1.0  # class-aware
-    taken = torch.zeros(N, dtype=torch.bool, device=boxes.device)
-    order = torch.sort(scores, descending=True, stable=True).indices  # (K,)
-    for k in order.tolist():
-        candidates = overlaps[k].masked_fill(taken, -1.0)  # (N,)
-        best = int(candidates.argmax())
-        if candidates[best] >= iou:
-            hit[k] = True
-            taken[best] = True
-    return hit
-
-
-def pseudo_label_quality(pseudo: Sequence[dict[str, Tensor]], hidden_targets: Sequence[dict[str, Tensor]], *,
-                         iou: float = 0.5) -> dict[str, float]:
-    """Precision and recall of pseudo-boxes against the hidden annotations of the unlabeled images.
-
-    pseudo: B dicts {"boxes" (K_i, 4), "scores" (K_i,), "labels" (K_i,)}; hidden_targets: B dicts
-    {"boxes" (N_i, 4), "labels" (N_i,)}, both xyxy pixels of the same (weak) view. Matching per image as in
-    `match_pseudo_labels`; counts summed over the batch. Returns
-    {"pseudo_precision": TP / K, "pseudo_recall": TP / N, "pseudo_num": K / B, "pseudo_num_gt": N / B} with K, N
-    the batch's totals. Precision is nan when there is no pseudo-box, recall nan when there is no hidden box:
-    "undefined", which a 0 would hide (a teacher that proposes nothing is not wrong about anything).
-    """
-    if len(pseudo) != len(hidden_targets):
-        raise ValueError(f"semi/core.py: {len(pseudo)} pseudo-label dicts for {len(hidden_targets)} images")
-    true_pos = num_pseudo = num_gt = 0
-    for p, t in zip(pseudo, hidden_targets):
-        hit = match_pseudo_labels(p["boxes"], p["scores"], p["labels"], t["boxes"], t["labels"], iou=iou)
-        true_pos += int(hit.sum())
-        num_pseudo += len(p["boxes"])
-        num_gt += len(t["boxes"])
-    images = max(1, len(pseudo))
-    return {"pseudo_precision": true_pos / num_pseudo if num_pseudo else math.nan,
-            "pseudo_recall": true_pos / num_gt if num_gt else math.nan,
-            "pseudo_num": num_pseudo / images, "pseudo_num_gt": num_gt / images}
-
-
-def draw_pseudo_labels(unlabeled, pseudo_boxes: Sequence[dict[str, Tensor]], path: str | Path, *, index: int = 0,
-                       class_names: Sequence[str] | None = None, min_size: int = 384) -> Path:
-    """One unlabeled image, side by side: the weak view with the teacher's pseudo-boxes, and the strong view
-    with the same boxes carried there by the views' matrices. Hidden ground truth in thin white boxes on both.
-
-    unlabeled: a `data.loader.UnlabeledBatch`; pseudo_boxes: B dicts {"boxes" (K, 4) xyxy pixels of the weak
-    view, "scores" (K,), "labels" (K,)}; index: which image of the batch. Writes a PNG; returns its path.
-    """
-    from engine.visualize import draw_boxes  # drawing lives in engine/; imported here only for diagnostics
-
-    weak, strong = unlabeled.weak, unlabeled.strong
-    p = {key: value.detach().cpu() for key, value in pseudo_boxes[index].items()}
-    h_w, w_w = (int(v) for v in weak.image_sizes[index])
-    h_s, w_s = (int(v) for v in strong.image_sizes[index])
-    carried = carry_boxes(p["boxes"].float(), weak.matrices[index].cpu(), strong.matrices[index].cpu(),
-                          dst_size=(h_s, w_s))  # (K, 4) in the strong view
-
-    if class_names is None:
-        labels = [p["labels"], weak.targets[index]["labels"].cpu()]
-        largest = max([int(x.max()) for x in labels if len(x)], default=0)
-        class_names = [str(c) for c in range(largest + 1)]
-    panels = []
-    for batch, boxes, (h, w) in ((weak, p["boxes"], (h_w, w_w)), (strong, carried, (h_s, w_s))):
-        target = batch.targets[index]
-        panels.append(draw_boxes(batch.images[index, :, :h, :w].cpu(), class_names=list(class_names),
-                                 boxes=boxes, labels=p["labels"], scores=p["scores"], score_threshold=0.0,
-                                 gt_boxes=target["boxes"].cpu(), gt_labels=target["labels"].cpu(),
-                                 min_size=min_size))
-    gap = 8
-    canvas = Image.new("RGB", (sum(im.width for im in panels) + gap, max(im.height for im in panels)), (40, 40, 40))
-    canvas.paste(panels[0], (0, 0))
-    canvas.paste(panels[1], (panels[0].width + gap, 0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path

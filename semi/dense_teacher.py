@@ -1,4 +1,5 @@
-"""Dense Teacher, paper 002 (Zhou et al., ECCV 2022).
+"""Dense Teacher on FCOS and RetinaNet: Zhou et al., "Dense Teacher: Dense Pseudo-Labels for Semi-supervised Object
+Detection", ECCV 2022, arXiv:2207.02541 (docs/METHODS.md, "Dense Teacher").
 
 Dense Teacher replaces pseudo-boxes by the teacher's raw dense predictions: no NMS, no score threshold, no
 label assignment. For every location of every pyramid level of the unlabeled images:
@@ -7,11 +8,11 @@ label assignment. For every location of every pyramid level of the unlabeled ima
   are the targets of the student, which sees the strong view of the same pixels (colour, blur, grayscale and
   erasing only, so both maps line up location for location).
 
-* Learning region (Eq. 3-4). S_i = max_c p^t_ic ranks the rows (locations x anchors) of ALL unlabeled images
-  of the batch together; the top k = int(R * ratio) rows (ratio 1%) keep the teacher's scores as targets,
-  every other row gets the target 0: it is suppressed, not ignored.
+* Learning region (Eq. 3-4). Each row (location x anchor) is ranked by its feature richness score (FRS),
+  S_i = max_c p^t_ic, over ALL unlabeled images of the batch together; the top k = int(R * ratio) rows (ratio
+  1%) keep the teacher's scores as targets, every other row gets the target 0: it is suppressed, not ignored.
 
-* Classification (Eq. 2), Quality Focal Loss over every element (row, class):
+* Classification (Eq. 2), Quality Focal Loss over every element (row, class), `semi.ops.frs_qfl`:
 
       QFL(p_s, y) = BCE(p_s, y) * |y - p_s|^2,   y = p_t in the region, 0 outside,   summed and divided by
       fg = sum over the region of S_i.
@@ -20,12 +21,12 @@ label assignment. For every location of every pyramid level of the unlabeled ima
   student's and the teacher's box at the same location (FCOS: decoded from the (l, t, r, b) distances), and
   BCE(sigmoid(s_q), sigmoid(t_q)) on FCOS's quality branch; both averaged over the region's rows.
 
-* Schedule (METHODS.md). Supervised only during a burn-in (5k), then the unsupervised weights ramp linearly
-  to their full value (4 / 1 / 1 for cls / box / quality) over 5k more; the teacher is copied from the student
-  at 3k and follows it by EMA (0.9996, the whole state). The labeled images take the supervised loss on both
-  their weak and their strong view.
+* Schedule (docs/METHODS.md, "Burn-in and ramp"). Supervised only during a burn-in (5k), then the unsupervised
+  weights ramp linearly to their full value (4 / 1 / 1 for cls / box / quality) over 5k more; the teacher is
+  copied from the student at 3k and follows it by EMA (0.9996, the whole state; `DenseTeacherEMA`). The labeled
+  images take the supervised loss on both their weak and their strong view.
 
-What the paper leaves open, decided here:
+What the paper leaves open, decided here (docs/METHODS.md, "Decisions the paper leaves open" of Dense Teacher):
   - Padding. Locations whose centre lies in the zero padding of the batch (outside the image's valid region)
     are not rows at all: they are neither ranked, nor pushed to 0, nor counted in R. Both views of a
     pixel-aligned pair have the same valid region.
@@ -33,24 +34,18 @@ What the paper leaves open, decided here:
     the teacher's deltas (dx, dy, dw, dh) of the same anchor with the L1 loss RetinaNet trains with
     (`anchor_box_loss="l1"`, summed over the 4 deltas, averaged over rows); `"giou"` decodes both against the
     anchor and applies the paper's IoU loss instead. RetinaNet has no quality branch.
-  - The GIoU term is an unweighted mean over the region (METHODS.md); the authors' code weights it by the
-    teacher's quality output.
-  - Region strategies (Table 1): "topk" is Eq. 3-4; "all" puts every row in the region (fg = sum of all
-    S_i); "positive" takes the rows the detector's own label assignment makes positive for the teacher's
-    detections above `pseudo_box_score` (the pseudo-box region of Unbiased Teacher), still with dense
-    targets, so that only the region differs from "topk".
-  - Hard negatives (Table 5, footnote 5): the rows of the region that the detector's label assignment of the
-    HIDDEN ground truth calls background. "select" (the paper's method) keeps them in the region; "suppress"
-    moves them out of it (target 0, no box / quality term); "ignore" drops them from every term. In both
-    ablations the region becomes region AND assigned foreground, and fg is summed over that. This ablation
-    reads the unlabeled images' annotations, as the paper's did; nothing else in the method does.
+  - The GIoU term is an unweighted mean over the region; the authors' code weights it by the teacher's quality
+    output.
   - fg = 0 (an empty region, e.g. k rounds to 0): the classification term is 0, still in the graph.
 
-The file reads top to bottom: configuration -> rows of a dense output -> the three terms -> the region
-ablations -> the method object the training loop calls.
+The other regions of Table 1, the hard-negative strategies of Table 5 and the diagnostics against the hidden
+annotations sit apart, in semi/dense_teacher_ablations.py (docs/METHODS.md, "Ablations and diagnostics").
+
+The file reads top to bottom: configuration -> the teacher's EMA schedule -> rows of a dense output -> the
+regression and quality terms -> the method object the training loop calls.
 """
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -60,12 +55,12 @@ from torch import Tensor
 from detectors import Detector
 from detectors.box_ops import BoxCoder, LinearBoxCoder, giou_loss
 from detectors.dense import DenseOutput
-from detectors.losses import l1_loss, quality_focal_loss
+from detectors.losses import l1_loss
 from detectors.precision import in_float32
 from detectors.retinanet import BOX_WEIGHTS as RETINANET_BOX_WEIGHTS
-from semi.core import UnsupOutput, linear_ramp, zero_loss
-from semi.ema import DenseTeacherEMA
-from semi.ops import QFL_BETA, frs_qfl, frs_topk_mask
+import semi.dense_teacher_ablations as ablations
+from semi.core import UnsupOutput, linear_ramp
+from semi.ops import frs_qfl
 from structures import UnlabeledBatch
 
 DETECTORS = ("fcos", "retinanet")
@@ -80,13 +75,14 @@ ANCHOR_BOX_LOSSES = ("l1", "giou")
 
 @dataclass
 class DenseTeacherConfig:
-    """Every setting of Dense Teacher. Defaults: the authors' COCO-Standard 10% settings (METHODS.md).
+    """Every setting of Dense Teacher. Defaults: the authors' COCO-Standard 10% settings (docs/METHODS.md,
+    "Defaults and their sources" of Dense Teacher).
 
     The schedule lengths are plain fields in iterations; `scaled(fraction)` shortens all three at once for a
     shorter run (e.g. the built-in dataset's preset).
     """
 
-    # Eq. 3-4 and the ablations of Table 1, 5 and 7a (see the module docstring for the exact readings).
+    # Eq. 3-4 and the ablations of Table 1, 5 and 7a (semi/dense_teacher_ablations.py has the exact readings).
     ratio: float = 0.01  # k: the share of all rows of the batch in the learning region
     region: str = "topk"  # "topk" (Eq. 3-4), "all" or "positive" (Table 1)
     hard_negatives: str = "select"  # "select", "ignore" or "suppress" (Table 5)
@@ -108,10 +104,11 @@ class DenseTeacherConfig:
     teacher_init: int = 3000
     ema_momentum: float = 0.9996
 
-    # Diagnostics: the teacher's detections above pseudo_box_score, and how the region overlaps the label
-    # assignment of the hidden ground truth. Neither changes the loss.
-    report_pseudo_boxes: bool = True
-    region_diagnostics: bool = True
+    # Diagnostics, off unless asked for (semi/dense_teacher_ablations.py): the teacher's detections above
+    # pseudo_box_score (train.py scores them against the hidden annotations and draws them), and how the region
+    # overlaps the label assignment of the hidden ground truth. Neither changes the loss.
+    report_pseudo_boxes: bool = False
+    region_diagnostics: bool = False
 
     def __post_init__(self):
         def check(ok: bool, message: str) -> None:
@@ -137,6 +134,26 @@ class DenseTeacherConfig:
             raise ValueError(f"semi/dense_teacher.py: DenseTeacherConfig.scaled needs fraction > 0, got {fraction}")
         return replace(self, burn_in=round(self.burn_in * fraction), ramp=round(self.ramp * fraction),
                        teacher_init=round(self.teacher_init * fraction))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The teacher's EMA schedule
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DenseTeacherEMA:
+    """Dense Teacher: the teacher is copied from the student at `start_iter` (the end of burn-in), then
+    follows it with a constant momentum over the whole state (buffers too).
+
+    `schedule(t)` is None for t < start_iter (no update), `momentum` from then on.
+    """
+
+    start_iter: int
+    momentum: float = 0.9996
+
+    def __call__(self, iteration: int) -> float | None:
+        return None if iteration < self.start_iter else self.momentum
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -185,31 +202,8 @@ def flatten_rows(outputs: DenseOutput, valid: Tensor) -> DenseRows:
 
 
 # --------------------------------------------------------------------------------------------------------
-# The three terms
+# The regression and quality terms (the classification term, Eq. 2, is `semi.ops.frs_qfl`)
 # --------------------------------------------------------------------------------------------------------
-
-
-class Region(NamedTuple):
-    """The learning region over R rows (Eq. 4)."""
-
-    selected: Tensor  # (R,) bool: rows whose target is the teacher's scores, and that get the box / quality terms
-    ignored: Tensor  # (R,) bool: rows left out of every term (only the "ignore" ablation of Table 5)
-    fg: Tensor  # () sum over the selected rows of S_i = max_c sigmoid(teacher logit), no gradient
-
-
-@in_float32
-def region_qfl(student_logits: Tensor, teacher_logits: Tensor, *, region: Region) -> Tensor:
-    """Eq. 2 on a given region: sum over the rows not ignored of QFL(p_s, y), divided by region.fg.
-
-    student_logits, teacher_logits: (R, C) float32/float64 class logits of the same rows; y = sigmoid(teacher)
-    on the selected rows and 0 on the others (Eq. 4). Returns a () scalar, differentiable w.r.t. the student
-    only; 0 (in the graph) when fg = 0. With the plain top-k region and nothing ignored this is the loss of
-    `semi.ops.frs_qfl`, which the method uses in that case.
-    """
-    targets = torch.where(region.selected[:, None], torch.sigmoid(teacher_logits.detach()), 0.0)  # (R, C)
-    per_element = quality_focal_loss(student_logits, targets, beta=QFL_BETA)  # (R, C)
-    total = per_element[~region.ignored].sum()
-    return total / region.fg if bool(region.fg > 0) else zero_loss(per_element)
 
 
 @in_float32
@@ -239,48 +233,6 @@ def quality_consistency(student_quality: Tensor, teacher_quality: Tensor) -> Ten
 
 
 # --------------------------------------------------------------------------------------------------------
-# The region ablations (Table 1, Table 5): the paper's region is `frs_qfl`'s, inside the method below
-# --------------------------------------------------------------------------------------------------------
-
-
-def assigned_foreground(detector: Detector, outputs: DenseOutput, boxes: list[dict], *, image_sizes: Tensor,
-                        valid: Tensor) -> Tensor:
-    """The rows the detector's own label assignment makes positive for the given boxes.
-
-    boxes: B dicts {"boxes" (N_i, 4) xyxy, "labels" int64 (N_i,)} in the batch's frame (pseudo-boxes or the
-    hidden ground truth). valid: bool (B, N) as `valid_rows`. Returns bool (R,) over the valid rows.
-    """
-    targets = [{"boxes": b["boxes"].detach(), "labels": b["labels"]} for b in boxes]
-    matched = detector.criterion.assign(outputs, targets, image_sizes).matched  # (B, N), >= 0 where positive
-    return (matched >= 0)[valid]  # (B, N) -> (R,)
-
-
-@in_float32
-def ablation_region(teacher_logits: Tensor, *, cfg: DenseTeacherConfig, predicted_positive: Tensor | None,
-                    gt_foreground: Tensor | None) -> Region:
-    """The learning region of the ablations (see the module docstring).
-
-    teacher_logits: (R, C). predicted_positive: bool (R,), the rows assigned to the teacher's detections
-    (needed for region "positive"). gt_foreground: bool (R,), the rows assigned to the hidden ground truth
-    (needed for hard_negatives "ignore" / "suppress").
-    """
-    scores = torch.sigmoid(teacher_logits.detach().amax(dim=1))  # (R,) S_i of Eq. 3
-    if cfg.region == "topk":
-        selected = frs_topk_mask(teacher_logits, ratio=cfg.ratio).mask
-    elif cfg.region == "all":
-        selected = torch.ones_like(scores, dtype=torch.bool)
-    else:
-        selected = predicted_positive
-    ignored = torch.zeros_like(selected)
-    if cfg.hard_negatives != "select":
-        hard_negative = selected & ~gt_foreground  # footnote 5: the region minus the assigned foreground
-        selected = selected & gt_foreground
-        if cfg.hard_negatives == "ignore":
-            ignored = hard_negative
-    return Region(selected=selected, ignored=ignored, fg=scores[selected].sum())
-
-
-# --------------------------------------------------------------------------------------------------------
 # The method object (ARCHITECTURE.md, "The training loop and the method interface")
 # --------------------------------------------------------------------------------------------------------
 
@@ -290,6 +242,7 @@ class DenseTeacher:
 
     labeled_views = ("weak", "strong")  # the supervised loss is taken on both views of a labeled image
     unlabeled_aligned = True  # dense targets need the strong view pixel-aligned with the weak one
+    ema_include_buffers = True  # the EMA runs over the whole state, BatchNorm statistics included
 
     def __init__(self, cfg: DenseTeacherConfig, *, detector_name: str):
         if detector_name not in DETECTORS:
@@ -312,10 +265,11 @@ class DenseTeacher:
         strong view. Returns UnsupOutput with
           losses: "loss_cls" (Eq. 2), "loss_box" (regression on the region) and, for FCOS, "loss_quality",
                   each a () scalar;
-          pseudo_boxes: B dicts {"boxes" (K, 4) xyxy, "scores" (K,), "labels" (K,)}, the teacher's detections
-                  above cfg.pseudo_box_score in the weak view's frame (diagnostics only), or None when
-                  cfg.report_pseudo_boxes is off;
-          stats: the region's size and score mass, and its overlap with the hidden ground truth's assignment.
+          pseudo_boxes: with cfg.report_pseudo_boxes, B dicts {"boxes" (K, 4) xyxy, "scores" (K,), "labels" (K,)},
+                  the teacher's detections above cfg.pseudo_box_score in the weak view's frame (diagnostics
+                  only); None otherwise;
+          stats: the region's size and score mass, and with cfg.region_diagnostics its overlap with the
+                  hidden ground truth's assignment.
         """
         cfg = self.cfg
         weak, strong = unlabeled.weak, unlabeled.strong
@@ -332,41 +286,33 @@ class DenseTeacher:
         t = flatten_rows(teacher_out, valid)  # R rows of all levels of all images
         s = flatten_rows(student_out, valid)
 
-        detections = None
-        if cfg.report_pseudo_boxes or cfg.region == "positive":
-            with torch.no_grad():
-                detections = [{key: value[d["scores"] > cfg.pseudo_box_score] for key, value in d.items()}
-                              for d in teacher.postprocessor(teacher_out, image_sizes)]
-        gt_foreground = None
-        if cfg.region_diagnostics or cfg.hard_negatives != "select":
-            gt_foreground = assigned_foreground(student, teacher_out, weak.targets, image_sizes=image_sizes,
-                                                valid=valid)
-
-        # Eq. 2-4: the learning region and the QFL over every row.
+        # Eq. 2-4: the learning region, the top k rows by S_i, and the QFL over every row.
         if cfg.region == "topk" and cfg.hard_negatives == "select":
             qfl = frs_qfl(s.logits, t.logits, ratio=cfg.ratio)  # the fused region selection where it is built
-            region = Region(selected=qfl.mask, ignored=torch.zeros_like(qfl.mask), fg=qfl.fg)
-            loss_cls = qfl.loss
-        else:
-            predicted_positive = None
-            if cfg.region == "positive":
-                predicted_positive = assigned_foreground(student, teacher_out, detections, image_sizes=image_sizes,
-                                                         valid=valid)
-            region = ablation_region(t.logits, cfg=cfg, predicted_positive=predicted_positive,
-                                     gt_foreground=gt_foreground)
-            loss_cls = region_qfl(s.logits, t.logits, region=region)
+            selected, fg, loss_cls = qfl.mask, qfl.fg, qfl.loss
+        else:  # Table 1's other regions, Table 5's hard negatives (semi/dense_teacher_ablations.py)
+            region, loss_cls = ablations.ablation_loss(
+                student=student, teacher=teacher, teacher_out=teacher_out, student_logits=s.logits,
+                teacher_logits=t.logits, hidden_targets=weak.targets, image_sizes=image_sizes, valid=valid, cfg=cfg)
+            selected, fg = region.selected, region.fg
 
         # Regression and quality on the region's rows only.
-        selected = region.selected
         loss_box = box_consistency(s.box_reg[selected], t.box_reg[selected], anchors=s.anchors[selected],
                                    coder=self.box_coder, loss=self.box_loss)
         losses = {"loss_cls": loss_cls, "loss_box": loss_box}
         if s.quality is not None:
             losses["loss_quality"] = quality_consistency(s.quality[selected], t.quality[selected])
 
-        stats = region_stats(region, gt_foreground=gt_foreground, num_rows=s.logits.shape[0],
-                             num_images=len(weak))
-        return UnsupOutput(losses=losses, pseudo_boxes=detections if cfg.report_pseudo_boxes else None, stats=stats)
+        # What the region looks like; the diagnostics, only when asked for.
+        stats = region_stats(selected, fg, num_rows=s.logits.shape[0], num_images=len(weak))
+        pseudo_boxes = None
+        if cfg.report_pseudo_boxes:
+            pseudo_boxes = ablations.teacher_detections(teacher, teacher_out, image_sizes, score=cfg.pseudo_box_score)
+        if cfg.region_diagnostics:
+            gt_foreground = ablations.assigned_foreground(student, teacher_out, weak.targets, image_sizes=image_sizes,
+                                                          valid=valid)
+            stats |= ablations.region_gt_overlap(selected, gt_foreground)
+        return UnsupOutput(losses=losses, pseudo_boxes=pseudo_boxes, stats=stats)
 
     def loss_keys(self) -> list[str]:
         """The keys `unsupervised_loss` returns for this detector."""
@@ -384,26 +330,14 @@ class DenseTeacher:
         return self._ema(iteration)
 
 
-def region_stats(region: Region, *, gt_foreground: Tensor | None, num_rows: int, num_images: int) -> dict[str, float]:
-    """What the region looks like: its rows per image, mean score S over it, and (with the hidden ground truth's
-    assignment) the share of its rows that are foreground and the share of the foreground it covers."""
-    selected = int(region.selected.sum())
-    stats = {"region_rows_per_image": selected / max(1, num_images),
-             "region_fraction": selected / max(1, num_rows),
-             "region_mean_score": float(region.fg) / max(1, selected)}
-    if gt_foreground is not None:
-        hits = int((region.selected & gt_foreground).sum())
-        stats["region_gt_precision"] = hits / max(1, selected)
-        stats["region_gt_recall"] = hits / max(1, int(gt_foreground.sum()))
-    return stats
+def region_stats(selected: Tensor, fg: Tensor, *, num_rows: int, num_images: int) -> dict[str, float]:
+    """What the learning region looks like: selected bool (R,), fg () the sum of S_i over it -> its rows per
+    image, its share of the rows, and the mean score S over it."""
+    rows = int(selected.sum())
+    return {"region_rows_per_image": rows / max(1, num_images), "region_fraction": rows / max(1, num_rows),
+            "region_mean_score": float(fg) / max(1, rows)}
 
 
-def build_dense_teacher(cfg, *, detector_name: str) -> DenseTeacher:
-    """Dense Teacher for a run's `engine.config.Config`: DenseTeacherConfig's defaults updated by
-    `cfg.method_args`, by field name (e.g. {"ratio": 0.05, "burn_in": 300})."""
-    known = {f.name for f in fields(DenseTeacherConfig)}
-    unknown = sorted(set(cfg.method_args) - known)
-    if unknown:
-        raise ValueError(f"semi/dense_teacher.py: unknown Dense Teacher settings {unknown} in method_args; "
-                         f"known: {sorted(known)}")
-    return DenseTeacher(DenseTeacherConfig(**cfg.method_args), detector_name=detector_name)
+def build_dense_teacher(cfg: DenseTeacherConfig, *, detector_name: str) -> DenseTeacher:
+    """Dense Teacher with its settings (`engine.config.dense_teacher_config` maps a run's settings onto them)."""
+    return DenseTeacher(cfg, detector_name=detector_name)

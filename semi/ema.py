@@ -1,19 +1,18 @@
-"""The teacher as an exponential moving average (EMA) of the student, and each method's momentum schedule.
+"""The teacher as an exponential moving average (EMA) of the student.
 
     ema = EMATeacher(student.model)                 # a frozen copy: eval mode, no gradients
     ...                                             # optimizer.step()
     ema.update(student.model, momentum=m)           # theta_t <- m * theta_t + (1 - m) * theta_s
 
-The schedules of METHODS.md ("Teacher"), as pure functions of the iteration:
+Each method's momentum schedule lives in its own file, as a pure function of the iteration
+(docs/METHODS.md, "The teacher"):
 
-    Soft Teacher   m = min(0.999, 1 - 1 / (t + 1))                 parameters only
-    Dense Teacher  no update before the copy at `start_iter`, then m = 0.9996, over the whole state
-    SED            m = 0.99, then 0.9 from the first LR milestone ("Step", paper Table 9), or a cosine decay
+    Soft Teacher   m = min(0.999, 1 - 1 / (t + 1)), parameters only          semi/soft_teacher.py
+    Dense Teacher  no update before the copy at `start_iter`, then 0.9996    semi/dense_teacher.py
+    SED            0.99, then 0.9 from the first LR milestone, or cosine     semi/sed.py
 """
 
 import copy
-import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -79,52 +78,3 @@ def _check_same_names(teacher: dict, student: dict, *, what: str) -> None:
         missing = sorted(set(student) ^ set(teacher))[:5]
         raise ValueError(f"semi/ema.py: teacher and student {what} differ (e.g. {missing}); "
                          "the teacher must be a copy of the student's architecture")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Schedules
-# ------------------------------------------------------------------------------------------------------------
-
-
-def soft_teacher_momentum(iteration: int, max_momentum: float = 0.999) -> float:
-    """Soft Teacher: m = min(max_momentum, 1 - 1 / (t + 1)).
-
-    m = 0 at t = 0 (the teacher becomes the student after the first step), 0.5 at t = 1, ... so the
-    teacher tracks the young student closely and averages over ~1000 steps from t = 999 on.
-    """
-    return min(max_momentum, 1.0 - 1.0 / (iteration + 1))
-
-
-@dataclass(frozen=True)
-class DenseTeacherEMA:
-    """Dense Teacher: the teacher is copied from the student at `start_iter` (the end of burn-in), then
-    follows it with a constant momentum over the whole state (buffers too).
-
-    `schedule(t)` is None for t < start_iter (no update), `momentum` from then on.
-    """
-
-    start_iter: int
-    momentum: float = 0.9996
-
-    def __call__(self, iteration: int) -> float | None:
-        return None if iteration < self.start_iter else self.momentum
-
-
-def sed_momentum(iteration: int, *, policy: str = "step", milestone: int | None = None, max_iter: int | None = None,
-                 start: float | None = None, end: float = 0.9) -> float:
-    """SED's EMA rate alpha (paper Table 9).
-
-    policy "step": `start` (default 0.99) before `milestone` (the first LR milestone; None: never drops),
-    `end` from it on. policy "cosine": from `start` (default 0.996) at t = 0 to `end` at t = max_iter,
-    m = end + (start - end) * (1 + cos(pi * t / max_iter)) / 2.
-    """
-    if policy == "step":
-        start = 0.99 if start is None else start
-        return start if milestone is None or iteration < milestone else end
-    if policy == "cosine":
-        if not max_iter or max_iter <= 0:
-            raise ValueError(f"semi/ema.py: sed_momentum(policy='cosine') needs max_iter > 0, got {max_iter}")
-        start = 0.996 if start is None else start
-        progress = min(max(iteration / max_iter, 0.0), 1.0)
-        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"semi/ema.py: sed_momentum policy must be 'step' or 'cosine', got {policy!r}")

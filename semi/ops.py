@@ -1,10 +1,17 @@
 """The hot path of the three methods: each op has a plain-PyTorch reference and a fused kernel.
 
     ghm_kl          SED's re-weighted KL (Eq. 5)                       -> torch.ops.ssod_ops.ghm_kl
-    jitter_boxes    Soft Teacher's box jittering (Sec. 3.3, Eq. 8)    -> torch.ops.ssod_ops.jitter_apply
+    jitter_boxes    Soft Teacher's box jittering (Sec. 3.3, Eq. 7)    -> torch.ops.ssod_ops.jitter_apply
     refine_stats    Soft Teacher's box uncertainty (Eq. 8-9)          -> torch.ops.ssod_ops.refine_stats
     frs_topk_mask   Dense Teacher's learning region (Eq. 3-4)         -> torch.ops.ssod_ops.frs_topk_mask
     frs_qfl         Dense Teacher's QFL on that region (Eq. 2)        (the region from the fused op)
+    kl_per_sample   the binary / softmax KL every KL of the methods uses (the reference of ghm_kl too)
+
+"ghm" is the gradient harmonizing mechanism (GHM; Li, Liu and Wang, AAAI 2019, arXiv:1811.05181), whose histogram
+of gradient norms SED's Eq. 5 adopts; "frs" is the feature richness score (FRS; Du et al., NeurIPS 2021,
+arXiv:2111.00674), the teacher's maximum class score that Dense Teacher ranks locations by. The papers: SED, Guo
+et al., CVPR 2022, arXiv:2203.12244; Soft Teacher, Xu et al., ICCV 2021, arXiv:2106.09018; Dense Teacher, Zhou
+et al., ECCV 2022, arXiv:2207.02541 (docs/METHODS.md, "The fused ops").
 
 Every public function picks the fused kernel of the C++ extension `semi._C` (built from `csrc/`, see
 `csrc/README.md`) when it is importable and supports the tensors' device, and the `*_reference` function
@@ -118,7 +125,7 @@ if _HAS_EXTENSION:
 
 
 # --------------------------------------------------------------------------------------------------------
-# ghm_kl: SED's gradient-density re-weighted KL (paper 000, Eq. 5)
+# ghm_kl: SED's re-weighted KL (Eq. 5), the gradient harmonizing mechanism applied to KL terms
 # --------------------------------------------------------------------------------------------------------
 
 GHM_MODES = ("sigmoid", "softmax")
@@ -189,7 +196,7 @@ def ghm_kl_reference(student_logits: Tensor, teacher_logits: Tensor, *, mode: st
 
 @in_float32
 def ghm_kl_with_counts(student_logits: Tensor, teacher_logits: Tensor, *, mode: str, bins: int = 10) -> GHMKLOutput:
-    """SED's re-weighted distillation loss (paper 000, Eq. 5) and its bin counts.
+    """SED's re-weighted distillation loss (Eq. 5) and its bin counts.
 
     student_logits: float32 or float64, any shape in "sigmoid" mode (every element is the logit of a
         Bernoulli pair), (..., C) in "softmax" mode (every row over the last dim is a C-way distribution).
@@ -225,7 +232,7 @@ def ghm_kl(student_logits: Tensor, teacher_logits: Tensor, *, mode: str, bins: i
 
 
 # --------------------------------------------------------------------------------------------------------
-# jitter_boxes / refine_stats: Soft Teacher's box jittering and regression uncertainty (paper 001, Sec. 3.3)
+# jitter_boxes / refine_stats: Soft Teacher's box jittering and regression uncertainty (Sec. 3.3)
 # --------------------------------------------------------------------------------------------------------
 
 # Faster R-CNN's RoI box-delta weights and the clamp of dw, dh (boxes at most 1000/16 times their anchor).
@@ -268,7 +275,7 @@ def jitter_boxes_reference(
 
 @in_float32
 def jitter_boxes(boxes: Tensor, *, times: int, scale: float, generator: torch.Generator | None = None) -> Tensor:
-    """Soft Teacher's box jittering (paper 001, Sec. 3.3): `times` randomly shifted copies of every box.
+    """Soft Teacher's box jittering (Sec. 3.3, Eq. 7): `times` randomly shifted copies of every box.
 
     boxes: (N, 4) float32/float64 xyxy absolute pixels, the kept pseudo-boxes of ALL images of the batch
         concatenated (one call, not a loop over images).
@@ -347,7 +354,7 @@ def refine_stats(
     weights: tuple[float, ...] = DEFAULT_DELTA_WEIGHTS,
     bbox_clip: float = DEFAULT_BBOX_CLIP,
 ) -> RefineStats:
-    """Soft Teacher's regression uncertainty of each pseudo-box (paper 001, Eq. 8-9).
+    """Soft Teacher's regression uncertainty of each pseudo-box (Eq. 8-9).
 
     refined_deltas: (times * N, C, 4) or (times, N, C, 4) float32/float64, the teacher RoI head's
         class-specific deltas (dx, dy, dw, dh) for every jittered box, rows in the order of
@@ -375,7 +382,7 @@ def refine_stats(
 
 
 # --------------------------------------------------------------------------------------------------------
-# frs_topk_mask / frs_qfl: Dense Teacher's learning region and its QFL (paper 002, Eq. 2-4)
+# frs_topk_mask / frs_qfl: Dense Teacher's learning region by feature richness score, and its QFL (Eq. 2-4)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -422,7 +429,7 @@ def frs_topk_mask_reference(teacher_logits: Tensor, *, ratio: float) -> RegionSe
 
 @in_float32
 def frs_topk_mask(teacher_logits: Tensor, *, ratio: float) -> RegionSelection:
-    """Dense Teacher's learning region (paper 002, Eq. 3-4): the top k = int(R * ratio) rows by score.
+    """Dense Teacher's learning region (Eq. 3-4): the top k = int(R * ratio) rows by score.
 
     teacher_logits: (R, C) float32/float64, the teacher's class logits of every location of every level of
         every unlabeled image, flattened into rows. ratio: the fraction selected (0.01 in the paper).
@@ -459,7 +466,7 @@ def frs_qfl_reference(student_logits: Tensor, teacher_logits: Tensor, *, ratio: 
 
 @in_float32
 def frs_qfl(student_logits: Tensor, teacher_logits: Tensor, *, ratio: float) -> QFLOutput:
-    """Dense Teacher's classification loss (paper 002, Eq. 2) on its learning region (Eq. 3-4).
+    """Dense Teacher's classification loss (Eq. 2) on its learning region (Eq. 3-4).
 
     student_logits, teacher_logits: (R, C) float32/float64 class logits of the same locations (all levels of
         all unlabeled images). ratio: the region's fraction of rows. Every element gets the quality focal

@@ -1,4 +1,5 @@
-"""Scale-Equivalent Distillation (SED), paper 000 (Guo et al., CVPR 2022).
+"""Scale-Equivalent Distillation (SED): Guo et al., "Scale-Equivalent Distillation for Semi-Supervised Object
+Detection", CVPR 2022, arXiv:2203.12244 (docs/METHODS.md, "Scale-Equivalent Distillation").
 
 SED trains on unlabeled images without pseudo-boxes: it asks two predictions of the same place to agree.
 
@@ -15,14 +16,14 @@ SED trains on unlabeled images without pseudo-boxes: it asks two predictions of 
 
       KL(sg P^i(X', teacher) || P^i(X, student)) + ||sg R^i(X', teacher) - R^i(X, student)||_2
 
-* Re-weighting (Sec. 3.3, Eq. 5). Each classification KL is divided by how many samples share its
-  gradient-norm bin, so that the rare anchors where two predictions disagree are not drowned by the
-  millions of background anchors where they already agree.
+* Re-weighting (Sec. 3.3, Eq. 5), after the gradient harmonizing mechanism (GHM). Each classification KL is
+  divided by how many samples share its gradient-norm bin (`semi.ops.ghm_kl`), so that the rare anchors where
+  two predictions disagree are not drowned by the millions of background anchors where they already agree.
 
 * Faster R-CNN (the paper's default) gets the same terms twice: on the RPN, anchor for anchor, and on the
   RoI head, RoI for RoI over one proposal set shared by the two predictions.
 
-What the paper leaves open, decided here (METHODS.md, "Scale-Equivalent Distillation"):
+What the paper leaves open, decided here (docs/METHODS.md, "Decisions the paper leaves open" of SED):
   - a sigmoid head (RPN objectness, RetinaNet, FCOS) is a set of Bernoulli pairs, one per (anchor, class);
     the RoI head is one (C + 1)-way softmax per RoI. Eq. 5's g is the total-variation distance, in [0, 1].
   - the L2 term is the Euclidean norm of the 4 delta differences of a sample (eps inside the root), averaged
@@ -35,8 +36,10 @@ one adapter per detector kind -> the method object the training loop calls. Mult
 is `engine.evaluation.predict_multiscale`.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +48,6 @@ from torch import Tensor
 from detectors import Detector
 from detectors.precision import in_float32
 from semi.core import UnsupOutput, linear_ramp, zero_loss
-from semi.ema import sed_momentum
 from semi.ops import ghm_kl, kl_per_sample
 from structures import UnlabeledBatch, pad_to_multiple
 
@@ -76,7 +78,7 @@ class SEDConfig:
     max_scale_exp: int = 1  # S
     downsample: str = "area"  # "area" (average pooling) or "bilinear" (antialiased) for X -> X_hat
     # X is padded to a multiple of 2^s * pad_stride before downsampling. None: the detector's coarsest stride
-    # (METHODS.md), so that every level of X and X_hat has an exact size. Every stride-2 layer of our detectors
+    # (docs/METHODS.md), so that every level of X and X_hat has an exact size. Every stride-2 layer of our detectors
     # rounds up, so 2^s * 32 already gives each pair identical grids (tests/test_sed.py checks both) at a
     # fraction of the cost on small images: at s = 1, P7's 128 pads a 128 px batch to 256 px, 32 does not.
     pad_stride: int | None = None
@@ -127,7 +129,7 @@ class SEDConfig:
 
 
 # --------------------------------------------------------------------------------------------------------
-# The views (Sec. 3.1 and METHODS.md "Views")
+# The views (Sec. 3.1 and docs/METHODS.md, "Views")
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -507,6 +509,7 @@ class SED:
     labeled_views = ("weak",)
     unlabeled_aligned = True
     teacher_init_iteration = 0
+    ema_include_buffers = True  # Eq. 4 averages the whole state, BatchNorm statistics included
 
     def __init__(self, cfg: SEDConfig, *, detector_name: str):
         if detector_name not in DENSE_DETECTORS + TWO_STAGE_DETECTORS:
@@ -569,19 +572,37 @@ class SED:
                             milestone=cfg.ema_milestone, max_iter=cfg.max_iter)
 
 
-def build_sed(cfg, *, detector_name: str) -> SED:
-    """SED for a run's `engine.config.Config`: Eq. 1's batch sizes, Table 9's first LR milestone, the supervised
-    branch's proposal count for the RoI terms (Sec. 3.1), then `cfg.method_args` overrides by field name."""
-    milestones = cfg.milestone_iters()
-    values = dict(num_labeled=cfg.labeled_batch, num_unlabeled=cfg.unlabeled_batch,
-                  ema_milestone=milestones[0] if milestones else None, max_iter=cfg.max_iter,
-                  roi_topk=cfg.rpn_post_nms_train)
-    unknown = sorted(set(cfg.method_args) - {f.name for f in fields(SEDConfig)})
-    if unknown:
-        raise ValueError(f"semi/sed.py: unknown SED settings {unknown} in method_args")
-    return SED(SEDConfig(**(values | cfg.method_args)), detector_name=detector_name)
+def build_sed(cfg: SEDConfig, *, detector_name: str) -> SED:
+    """SED with its settings (`engine.config.sed_config` maps a run's settings onto them: Eq. 1's batch sizes,
+    Table 9's first LR milestone, the supervised branch's proposal count for the RoI terms)."""
+    return SED(cfg, detector_name=detector_name)
 
 
 def largest_stride(model) -> int:
     """The coarsest stride of a detector's pyramid (P7: 128 for RetinaNet and FCOS, P6: 64 for Faster R-CNN)."""
     return max(model.anchor_generator.strides)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The teacher's EMA schedule (Table 9)
+# --------------------------------------------------------------------------------------------------------
+
+
+def sed_momentum(iteration: int, *, policy: str = "step", milestone: int | None = None, max_iter: int | None = None,
+                 start: float | None = None, end: float = 0.9) -> float:
+    """SED's EMA rate alpha (paper Table 9).
+
+    policy "step": `start` (default 0.99) before `milestone` (the first LR milestone; None: never drops),
+    `end` from it on. policy "cosine": from `start` (default 0.996) at t = 0 to `end` at t = max_iter,
+    m = end + (start - end) * (1 + cos(pi * t / max_iter)) / 2.
+    """
+    if policy == "step":
+        start = 0.99 if start is None else start
+        return start if milestone is None or iteration < milestone else end
+    if policy == "cosine":
+        if not max_iter or max_iter <= 0:
+            raise ValueError(f"semi/sed.py: sed_momentum(policy='cosine') needs max_iter > 0, got {max_iter}")
+        start = 0.996 if start is None else start
+        progress = min(max(iteration / max_iter, 0.0), 1.0)
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"semi/sed.py: sed_momentum policy must be 'step' or 'cosine', got {policy!r}")

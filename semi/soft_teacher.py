@@ -1,22 +1,24 @@
-"""Soft Teacher (Xu et al. 2021, "End-to-End Semi-Supervised Object Detection with Soft Teacher", paper 001)
-on Faster R-CNN + FPN.
+"""Soft Teacher on Faster R-CNN + FPN: Xu et al., "End-to-End Semi-Supervised Object Detection with Soft Teacher",
+ICCV 2021, arXiv:2106.09018 (docs/METHODS.md, "Soft Teacher").
 
 One unsupervised step, as `SoftTeacher.unsupervised_loss` runs it:
 
-    teacher on the weak view        RPN -> RoI head -> NMS; keep boxes with score > 0.5       (Sec. 3.1)
+    teacher on the weak view        RPN -> RoI head -> NMS; keep boxes with score > 0.5       (Sec. 3.3)
     box jittering                   10 jittered copies of each kept box, refined by the teacher's RoI head;
                                     uncertainty = normalised std of the refined copies        (Eq. 7-9)
-    carry to the strong view        M = T_strong @ inverse(T_weak) on the box corners, clip   (METHODS.md)
+    carry to the strong view        M = T_strong @ inverse(T_weak) on the box corners, clip   ("Views")
     student on the strong view
       RPN                           pseudo-boxes with score > 0.9 as ground truth
       RoI classification            the student's proposals sampled against boxes > 0.9; each background
                                     RoI weighted by the teacher's background probability      (Eq. 4-5, BG-T)
       RoI regression                a fresh sampling against the boxes of uncertainty < 0.02  (Eq. 10)
 
-The teacher is an EMA of the student, m = min(0.999, 1 - 1 / (t + 1)) over its parameters (semi/ema.py);
-all four unsupervised terms weigh alpha = 4 (Eq. 1). Defaults are the authors' COCO settings (METHODS.md).
+The teacher is an EMA of the student, m = min(0.999, 1 - 1 / (t + 1)) over its parameters
+(`soft_teacher_momentum` below); all four unsupervised terms weigh alpha = 4 (Eq. 1). Defaults are the authors'
+COCO settings (docs/METHODS.md, "Defaults and their sources" of Soft Teacher).
 
-Where this file follows the authors' code rather than the paper's text (METHODS.md pins these):
+Where this file follows the authors' code rather than the paper's text (docs/METHODS.md, "Decisions the paper
+leaves open" of Soft Teacher):
 - Eq. 4 divides the foreground terms by N_fg and the background ones by sum_j r_j (Eq. 5). We take one
   weighted mean, sum_k w_k CE_k / max(sum_k w_k, 1) with w = 1 for foreground RoIs and w = r (the teacher's
   background probability) for background ones.
@@ -29,7 +31,6 @@ No pseudo-box is no error: the regression terms are exactly 0 and the classifica
 background (weighted by the teacher), all finite, with the same keys every iteration.
 """
 
-import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -39,7 +40,6 @@ from torch import Tensor
 from detectors import Detector
 from detectors.faster_rcnn import FasterRCNNPostprocessor, SampledRoIs, roi_class_probs
 from semi.core import UnsupOutput, linear_ramp
-from semi.ema import soft_teacher_momentum
 from semi.ops import jitter_boxes, refine_stats
 from structures import Batch, UnlabeledBatch, carry_boxes
 
@@ -48,7 +48,7 @@ LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")  # the same
 
 @dataclass
 class SoftTeacherConfig:
-    """Every hyperparameter of Soft Teacher, with the authors' COCO defaults (METHODS.md; paper Tables 6-10).
+    """Every hyperparameter of Soft Teacher, with the authors' COCO defaults (docs/METHODS.md; paper Tables 6-10).
 
     The labeled : unlabeled ratio (1:4 on COCO) is the loaders' `labeled_batch` / `unlabeled_batch` in
     engine/config.py, not a field here.
@@ -76,7 +76,7 @@ class SoftTeacherConfig:
     teacher_score_thr: float = 0.05  # RoI-head postprocessing: score threshold,
     teacher_nms_thr: float = 0.5  # per-class NMS IoU,
     teacher_detections: int = 100  # detections per image
-    # ---- teacher EMA (semi/ema.py) -----------------------------------------------------------------------
+    # ---- teacher EMA (`soft_teacher_momentum`) ----------------------------------------------------------
     ema_max_momentum: float = 0.999  # m = min(ema_max_momentum, 1 - 1 / (t + 1))
     ema_include_buffers: bool = False  # "over parameters": the teacher copies the student's BN statistics
 
@@ -159,7 +159,7 @@ class SoftTeacher:
             teacher_out = self.teacher_predict(teacher, weak)
         pseudo_weak = teacher_out.pseudo_boxes
 
-        # 2. Carry them into the strong view: M = T_strong @ inverse(T_weak), then clip (METHODS.md, "Views").
+        # 2. Carry them into the strong view: M = T_strong @ inverse(T_weak), then clip (docs/METHODS.md, "Views").
         pseudo_strong = carry_pseudo_boxes(pseudo_weak, src=weak, dst=strong)
 
         # 3. Three sets of pseudo ground truth, by score (Sec. 3.2, Table 8) and by uncertainty (Sec. 3.3).
@@ -263,7 +263,8 @@ def box_uncertainty(model, features: list[Tensor], pseudo: list[dict[str, Tensor
     Each box b is jittered `times` times, b + N(0, 1) * scale * (w, h, w, h) (Eq. 7's jitter); the teacher's
     RoI head refines every copy (Eq. 7's refine, the deltas of the box's own class); the uncertainty is the
     mean over the 4 coordinates of the std of the refined copies divided by the matching side of their mean
-    box (Eq. 8-9, METHODS.md's normalisation). One jitter draw and one RoI-head call for the whole batch.
+    box (Eq. 8-9, with the normalisation of docs/METHODS.md, "Decisions the paper leaves open"). One jitter draw
+    and one RoI-head call for the whole batch.
 
     model: a Faster R-CNN (anything with `roi_head(features, boxes, image_sizes) -> RoIOutput` and a
     `roi_box_coder`); features: its FPN maps of the B images; pseudo: B dicts {"boxes" (K_i, 4) xyxy,
@@ -289,7 +290,7 @@ def box_uncertainty(model, features: list[Tensor], pseudo: list[dict[str, Tensor
 
 
 def carry_pseudo_boxes(pseudo: list[dict[str, Tensor]], *, src: Batch, dst: Batch) -> list[dict[str, Tensor]]:
-    """Pseudo-boxes of every image from view `src` to view `dst` of the same images (METHODS.md, "Views").
+    """Pseudo-boxes of every image from view `src` to view `dst` of the same images (docs/METHODS.md, "Views").
 
     pseudo: B dicts {"boxes" (K_i, 4) xyxy in src, per-box extras (K_i, ...)}. Returns B dicts with the
     boxes carried by T_dst @ inverse(T_src) and clipped to dst's image; boxes left with no area (pushed out
@@ -323,28 +324,27 @@ def background_weights(teacher_model, teacher_features: list[Tensor], sampled: S
 
 
 # --------------------------------------------------------------------------------------------------------
+# The teacher's EMA schedule
+# --------------------------------------------------------------------------------------------------------
+
+
+def soft_teacher_momentum(iteration: int, max_momentum: float = 0.999) -> float:
+    """Soft Teacher: m = min(max_momentum, 1 - 1 / (t + 1)).
+
+    m = 0 at t = 0 (the teacher becomes the student after the first step), 0.5 at t = 1, ... so the
+    teacher tracks the young student closely and averages over ~1000 steps from t = 999 on.
+    """
+    return min(max_momentum, 1.0 - 1.0 / (iteration + 1))
+
+
+# --------------------------------------------------------------------------------------------------------
 # Builder
 # --------------------------------------------------------------------------------------------------------
 
 
-def build_soft_teacher(cfg, *, detector_name: str) -> SoftTeacher:
-    """Soft Teacher for a run's config.
-
-    cfg: an `engine.config.Config` (its `method_args` override SoftTeacherConfig's fields by name; the teacher
-    proposes with the run's training pre-NMS count and test post-NMS count, 2000 / 1000 on COCO as the
-    authors' `rpn_proposal`), or a SoftTeacherConfig, or a dict of SoftTeacherConfig fields.
-    """
+def build_soft_teacher(cfg: SoftTeacherConfig, *, detector_name: str) -> SoftTeacher:
+    """Soft Teacher with its settings (`engine.config.soft_teacher_config` maps a run's settings onto them)."""
     if detector_name != "faster_rcnn":
         raise ValueError(f"semi/soft_teacher.py: Soft Teacher needs the two-stage detector 'faster_rcnn' "
                          f"(its RoI head scores and refines boxes), got {detector_name!r}")
-    if isinstance(cfg, SoftTeacherConfig):
-        return SoftTeacher(cfg)
-    if isinstance(cfg, dict):
-        values, overrides = {}, cfg
-    else:
-        values = dict(teacher_rpn_pre_nms=cfg.rpn_pre_nms_train, teacher_rpn_post_nms=cfg.rpn_post_nms_test)
-        overrides = cfg.method_args
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(SoftTeacherConfig)})
-    if unknown:
-        raise ValueError(f"semi/soft_teacher.py: unknown Soft Teacher settings {unknown}")
-    return SoftTeacher(SoftTeacherConfig(**(values | overrides)))
+    return SoftTeacher(cfg)

@@ -10,18 +10,17 @@ import torch
 import semi.dense_teacher as dense_teacher_module
 from detectors.box_ops import BoxCoder, LinearBoxCoder
 from detectors.dense import DenseOutput
+from engine.config import dense_teacher_config
 from semi.dense_teacher import (
     DenseTeacher,
     DenseTeacherConfig,
-    Region,
-    ablation_region,
     box_consistency,
     build_dense_teacher,
     flatten_rows,
     quality_consistency,
-    region_qfl,
     valid_rows,
 )
+from semi.dense_teacher_ablations import Region, ablation_region, region_qfl
 from semi.ops import frs_qfl, frs_qfl_reference, frs_topk_mask, frs_topk_mask_reference
 
 torch.set_num_threads(1)
@@ -353,11 +352,11 @@ def test_build_from_run_config():
     class RunConfig:
         method_args = {"ratio": 0.05, "burn_in": 300}
 
-    method = build_dense_teacher(RunConfig(), detector_name="retinanet")
+    method = build_dense_teacher(dense_teacher_config(RunConfig()), detector_name="retinanet")
     assert method.cfg.ratio == 0.05 and method.cfg.burn_in == 300 and method.cfg.ramp == 5000
     RunConfig.method_args = {"ratios": 0.05}
     with pytest.raises(ValueError, match="unknown Dense Teacher settings"):
-        build_dense_teacher(RunConfig(), detector_name="fcos")
+        build_dense_teacher(dense_teacher_config(RunConfig()), detector_name="fcos")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -422,7 +421,8 @@ def test_dense_teacher_end_to_end(name):
     student.model.train()
     ema = EMATeacher(student.model)
     teacher = student._replace(model=ema.model)
-    method = DenseTeacher(DenseTeacherConfig(ratio=0.05, burn_in=1, ramp=2, teacher_init=0), detector_name=name)
+    method = DenseTeacher(DenseTeacherConfig(ratio=0.05, burn_in=1, ramp=2, teacher_init=0, report_pseudo_boxes=True),
+                          detector_name=name)
     optimizer = torch.optim.SGD(student.model.parameters(), lr=1e-3)
     labeled = unlabeled_batch()
     both_views = torch.cat([labeled.weak.images, labeled.strong.images])
@@ -520,9 +520,11 @@ def test_all_background_batch_is_finite(name):
     student, teacher = student_and_teacher(name)
     with torch.no_grad():
         teacher.model.head.cls_logits.bias.fill_(-20.0)  # every teacher score ~2e-9
-    for cfg in (DenseTeacherConfig(), DenseTeacherConfig(ratio=1e-5), DenseTeacherConfig(hard_negatives="suppress"),
-                DenseTeacherConfig(hard_negatives="ignore"), DenseTeacherConfig(region="positive"),
-                DenseTeacherConfig(region="all")):
+    for cfg in (DenseTeacherConfig(report_pseudo_boxes=True), DenseTeacherConfig(ratio=1e-5, report_pseudo_boxes=True),
+                DenseTeacherConfig(hard_negatives="suppress", report_pseudo_boxes=True),
+                DenseTeacherConfig(hard_negatives="ignore", report_pseudo_boxes=True),
+                DenseTeacherConfig(region="positive", report_pseudo_boxes=True),
+                DenseTeacherConfig(region="all", report_pseudo_boxes=True)):
         method = DenseTeacher(cfg, detector_name=name)
         unsup = method.unsupervised_loss(student=student, teacher=teacher, unlabeled=unlabeled_batch(blank=True),
                                          iteration=0)

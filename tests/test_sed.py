@@ -545,7 +545,7 @@ def test_predict_multiscale_merges_scales_by_nms():
 
 def test_build_sed_from_the_run_config():
     from engine.config import resolve_config
-    from semi import build_method
+    from engine.config import build_method
 
     cfg = resolve_config({"method": "sed"})  # the built-in preset: Faster R-CNN, 8 + 4 images
     sed = build_method("sed", cfg=cfg, detector_name=cfg.detector)

@@ -1,4 +1,4 @@
-"""semi/ema.py, semi/core.py and semi/__init__.py: the pieces every method shares.
+"""semi/ema.py, semi/core.py, structures.py and engine/pseudo_labels.py: the pieces every method shares.
 
 Covered: EMA arithmetic over parameters and buffers in float64, the teacher's frozen state, copy and state
 dict; the three momentum schedules; loss prefixing and the one weighted sum (missing weights, zero weights,
@@ -16,13 +16,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-import semi
 from data.transforms import TwoViewTransform, hflip_matrix, rotation_matrix, scale_matrix, translation_matrix
-from engine.config import resolve_config
-from semi.core import (UnsupOutput, draw_pseudo_labels, frozen_norm_statistics, linear_ramp,
-                       match_pseudo_labels, prefix, pseudo_label_quality, view_transform, weighted_total, zero_loss)
-from semi.ema import DenseTeacherEMA, EMATeacher, sed_momentum, soft_teacher_momentum
-from structures import Batch, UnlabeledBatch, carry_boxes
+from engine.config import build_method, resolve_config
+from engine.pseudo_labels import draw_pseudo_labels, match_pseudo_labels, pseudo_label_quality
+from semi.core import UnsupOutput, frozen_norm_statistics, linear_ramp, prefix, weighted_total, zero_loss
+from semi.dense_teacher import DenseTeacherEMA
+from semi.ema import EMATeacher
+from semi.sed import sed_momentum
+from semi.soft_teacher import soft_teacher_momentum
+from structures import Batch, UnlabeledBatch, carry_boxes, view_transform
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -354,23 +356,23 @@ def test_draw_pseudo_labels_writes_both_views_side_by_side(tmp_path):
 
 
 def test_build_method():
-    assert semi.build_method("supervised", cfg=None, detector_name="fcos") is None
+    assert build_method("supervised", cfg=None, detector_name="fcos") is None
     with pytest.raises(ValueError, match="unknown method 'mean_teacher'"):
-        semi.build_method("mean_teacher", cfg=None, detector_name="fcos")
+        build_method("mean_teacher", cfg=None, detector_name="fcos")
 
     cfg = resolve_config(dict(method="soft_teacher", rpn_pre_nms_train=600, rpn_post_nms_test=200,
                               method_args={"jitter_times": 5}))
-    method = semi.build_method("soft_teacher", cfg=cfg, detector_name="faster_rcnn")
+    method = build_method("soft_teacher", cfg=cfg, detector_name="faster_rcnn")
     assert (method.cfg.teacher_rpn_pre_nms, method.cfg.teacher_rpn_post_nms) == (600, 200)
     # method_args update the preset's key by key: jitter_times from the override, unsup_weight from the built-in
     # preset (1, not the paper's 4), burn_in too (half the run).
     assert method.cfg.jitter_times == 5 and method.cfg.unsup_weight == 1.0
     assert method.cfg.burn_in == round(cfg.max_iter / 2)
     with pytest.raises(ValueError, match="faster_rcnn"):
-        semi.build_method("soft_teacher", cfg=cfg, detector_name="fcos")
+        build_method("soft_teacher", cfg=cfg, detector_name="fcos")
     cfg.method_args = {"jitter_time": 5}
     with pytest.raises(ValueError, match="jitter_time"):
-        semi.build_method("soft_teacher", cfg=cfg, detector_name="faster_rcnn")
+        build_method("soft_teacher", cfg=cfg, detector_name="faster_rcnn")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

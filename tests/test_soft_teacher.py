@@ -376,7 +376,7 @@ def test_config_defaults_are_the_papers_coco_settings():
 
 
 def test_method_interface():
-    method = build_soft_teacher({"burn_in": 10, "ramp": 10}, detector_name="faster_rcnn")
+    method = build_soft_teacher(SoftTeacherConfig(burn_in=10, ramp=10), detector_name="faster_rcnn")
     assert method.labeled_views == ("weak",) and method.unlabeled_aligned is False
     assert method.teacher_init_iteration == 10 and method.ema_include_buffers is False
     assert method.loss_weights(5) == {f"unsup_{k}": 0.0 for k in LOSS_KEYS}

@@ -11,14 +11,12 @@ import pytest
 import torch
 
 import detectors
-import semi
 import train
-from structures import Batch, UnlabeledBatch
-from engine.config import detector_kwargs
-from semi.ema import EMATeacher
 from engine.checkpoint import last_checkpoint, load_checkpoint
-from engine.config import resolve_config
+from engine.config import build_method, detector_kwargs, resolve_config
 from engine.logger import read_metrics
+from semi.ema import EMATeacher
+from structures import Batch, UnlabeledBatch
 
 SPEC = dict(num_train=16, num_val=4, image_size=64, min_size=8, max_size=40, max_objects=3, clutter=1.0)
 PAPER_DETECTOR = {"soft_teacher": "faster_rcnn", "dense_teacher": "fcos", "sed": "fcos"}
@@ -37,7 +35,7 @@ def tiny_semi_config(builtin_dir, output_dir, method, **overrides):
     if method == "soft_teacher":
         settings |= TINY_FASTER_RCNN | {"method_args": {"jitter_times": 2, "burn_in": 0, "ramp": 0}}  # unsup from step 0
     if method == "dense_teacher":  # burn-in for iteration 0, teacher copied at 1, full weight from 2
-        settings |= {"method_args": {"burn_in": 1, "ramp": 1, "teacher_init": 1}}
+        settings |= {"method_args": {"burn_in": 1, "ramp": 1, "teacher_init": 1, "report_pseudo_boxes": True}}
     if method == "sed":  # the paper's schedule: the unsupervised loss from the first iteration
         settings |= {"method_args": {"burn_in": 0, "ramp": 0}}
     return resolve_config(settings | overrides)
@@ -129,7 +127,7 @@ def test_batchnorm_statistics_follow_the_labeled_weak_view(method, norm_stats):
     student = detectors.build_detector("fcos", num_classes=6, **detector_kwargs(cfg))
     student.model.train()
     teacher = student._replace(model=EMATeacher(student.model).model)
-    sed_or_dt = semi.build_method(method, cfg=cfg, detector_name="fcos")
+    sed_or_dt = build_method(method, cfg=cfg, detector_name="fcos")
     generator = torch.Generator().manual_seed(0)
     labeled, labeled_strong = labeled_pair(2, 64, generator)
     unlabeled = UnlabeledBatch(*labeled_pair(2, 64, generator))
