@@ -3,8 +3,8 @@
     data.synthetic    ensure_builtin(cache_dir, *, spec) -> BuiltinPaths (generated once, cached)
     data.coco         CocoDetection(json_path, image_dir, *, transform), load_unlabeled, coco_paths
     data.splits       make_split(train_json, *, percent, fold, out_dir), split_from_file(...)
-    data.transforms   warp_boxes, geometric / photometric transforms, weak / strong views
+    data.transforms   geometric / photometric transforms, weak / strong views
     data.loader       InfiniteSampler, collate -> Batch, build_train_loader, build_val_loader
 
-This package knows nothing of detectors/, semi/ or engine/.
+Batches and box geometry come from `structures.py`; this package knows nothing of detectors/, semi/ or engine/.
 """

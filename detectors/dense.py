@@ -9,9 +9,11 @@ row i of every tensor of a level belongs to anchor i of that level.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
+from detectors.losses import positive_normalizer, sigmoid_focal_loss
 from detectors.precision import in_float32
 from structures import clip_boxes
 
@@ -54,6 +56,25 @@ def to_rows(x: Tensor, K: int) -> Tensor:
     """A head's map (B, A*K, H, W) -> (B, A, K, H, W) -> (B, H, W, A, K) -> rows (B, H*W*A, K)."""
     B, _, H, W = x.shape
     return x.view(B, -1, K, H, W).permute(0, 3, 4, 1, 2).reshape(B, -1, K)
+
+
+def focal_classification_loss(cls_logits: Tensor, matched: Tensor, labels: Tensor, *, num_classes: int,
+                              ignored: int, alpha: float, gamma: float) -> tuple[Tensor, Tensor, float]:
+    """The dense detectors' classification term: the sigmoid focal loss of every (row, class), one-hot targets on
+    the positive rows (background rows stay zero), summed over every row but the ignored ones.
+
+    cls_logits: (B, N, C); matched: int64 (B, N), the matched gt index or a negative sentinel (`ignored`: no loss
+    at all); labels: int64 (B, N), the class of each positive row. Returns (loss_cls () the unnormalised sum,
+    positive bool (B, N), num_pos: max(1, positives), over the global batch under DDP).
+    """
+    positive = matched >= 0  # (B, N)
+    num_pos = positive_normalizer(positive)
+    cls_targets = F.one_hot(labels.clamp(min=0), num_classes).to(cls_logits.dtype)  # (B, N, C)
+    cls_targets = cls_targets * positive[..., None]
+    counted = matched != ignored  # (B, N)
+    loss_cls = sigmoid_focal_loss(cls_logits[counted], cls_targets[counted], alpha=alpha, gamma=gamma,
+                                  reduction="sum")
+    return loss_cls, positive, num_pos
 
 
 def top_candidates(scores: Tensor, *, score_thresh: float, topk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

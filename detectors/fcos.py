@@ -34,8 +34,7 @@ from detectors.anchors import AnchorGenerator
 from detectors.backbone import ResNetFPN, build_resnet_fpn, load_renamed_state_dict, torchvision_backbone_key
 from detectors.box_ops import (LinearBoxCoder, box_area, crowd_boxes, elementwise_box_iou, giou_loss,
                                pad_per_image)
-from detectors.dense import DenseOutput, DensePostprocessor, conv_tower, to_rows
-from detectors.losses import positive_normalizer, sigmoid_focal_loss
+from detectors.dense import DenseOutput, DensePostprocessor, conv_tower, focal_classification_loss, to_rows
 
 STRIDES = (8, 16, 32, 64, 128)  # P3..P7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -283,14 +282,9 @@ class FCOSCriterion:
         quality = torch.cat(outputs.quality, dim=1).squeeze(-1)  # (B, N, 1) -> (B, N)
         anchors = torch.cat(outputs.anchors)  # (N, 4)
 
-        positive = assigned.matched >= 0  # (B, N)
-        num_pos = positive_normalizer(positive)  # max(1, positives); over the global batch under DDP
-        # One-hot class targets; background rows stay zero. Ignored rows leave the loss entirely.
-        cls_targets = F.one_hot(assigned.labels.clamp(min=0), self.num_classes).to(cls_logits.dtype)  # (B, N, C)
-        cls_targets = cls_targets * positive[..., None]
-        counted = assigned.matched != IGNORED  # (B, N)
-        loss_cls = sigmoid_focal_loss(cls_logits[counted], cls_targets[counted], alpha=self.focal_alpha,
-                                      gamma=self.focal_gamma, reduction="sum")
+        loss_cls, positive, num_pos = focal_classification_loss(
+            cls_logits, assigned.matched, assigned.labels, num_classes=self.num_classes, ignored=IGNORED,
+            alpha=self.focal_alpha, gamma=self.focal_gamma)  # (), (B, N), max(1, positives) of the global batch
 
         pos_anchors = anchors.expand(positive.shape[0], -1, -1)[positive]  # (P, 4)
         gt_boxes = assigned.boxes[positive]  # (P, 4)

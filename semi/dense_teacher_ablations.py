@@ -17,7 +17,7 @@ the teacher's detections above `pseudo_box_score` (which train.py scores against
 draws), and how the learning region overlaps the rows the hidden ground truth's assignment makes positive.
 """
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,9 +28,6 @@ from detectors.losses import quality_focal_loss
 from detectors.precision import in_float32
 from semi.core import zero_loss
 from semi.ops import QFL_BETA, frs_topk_mask
-
-if TYPE_CHECKING:
-    from semi.dense_teacher import DenseTeacherConfig
 
 # --------------------------------------------------------------------------------------------------------
 # The region ablations (Table 1, Table 5)
@@ -65,7 +62,7 @@ def assigned_foreground(detector: Detector, outputs: DenseOutput, boxes: list[di
     """The rows the detector's own label assignment makes positive for the given boxes.
 
     boxes: B dicts {"boxes" (N_i, 4) xyxy, "labels" int64 (N_i,)} in the batch's frame (pseudo-boxes or the
-    hidden ground truth). valid: bool (B, N) as `valid_rows`. Returns bool (R,) over the valid rows.
+    hidden ground truth). valid: bool (B, N), the rows inside the images' valid regions. Returns bool (R,) over the valid rows.
     """
     targets = [{"boxes": b["boxes"].detach(), "labels": b["labels"]} for b in boxes]
     matched = detector.criterion.assign(outputs, targets, image_sizes).matched  # (B, N), >= 0 where positive
@@ -73,9 +70,10 @@ def assigned_foreground(detector: Detector, outputs: DenseOutput, boxes: list[di
 
 
 @in_float32
-def ablation_region(teacher_logits: Tensor, *, cfg: "DenseTeacherConfig", predicted_positive: Tensor | None,
+def ablation_region(teacher_logits: Tensor, *, cfg, predicted_positive: Tensor | None,
                     gt_foreground: Tensor | None) -> Region:
-    """The learning region of the ablations (the module docstring).
+    """The learning region of the ablations (the module docstring); cfg: the method's DenseTeacherConfig (its region,
+    ratio and hard_negatives).
 
     teacher_logits: (R, C). predicted_positive: bool (R,), the rows assigned to the teacher's detections
     (needed for region "positive"). gt_foreground: bool (R,), the rows assigned to the hidden ground truth
@@ -99,7 +97,7 @@ def ablation_region(teacher_logits: Tensor, *, cfg: "DenseTeacherConfig", predic
 
 def ablation_loss(*, student: Detector, teacher: Detector, teacher_out: DenseOutput, student_logits: Tensor,
                   teacher_logits: Tensor, hidden_targets: list[dict], image_sizes: Tensor, valid: Tensor,
-                  cfg: "DenseTeacherConfig") -> tuple[Region, Tensor]:
+                  cfg) -> tuple[Region, Tensor]:
     """The learning region of cfg's ablation and Eq. 2's classification term on it.
 
     teacher_out: the teacher's raw outputs on the weak view; student_logits, teacher_logits: (R, C) over the valid

@@ -27,13 +27,7 @@ from structures import clip_boxes
 DTYPES = [torch.float32, torch.float64]
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seed_and_one_thread")  # tests/conftest.py
 
 
 def random_boxes(n, size=100.0, dtype=torch.float32):

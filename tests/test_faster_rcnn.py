@@ -12,6 +12,7 @@ import torchvision
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou, roi_align
 
+from conftest import box_target as box_targets
 import detectors
 from detectors.box_ops import pad_per_image
 from detectors.faster_rcnn import (FPN_STRIDES, FasterRCNNCriterion, FasterRCNNPostprocessor, RoIOutput, RPNOutput,
@@ -21,13 +22,7 @@ from detectors.faster_rcnn import (FPN_STRIDES, FasterRCNNCriterion, FasterRCNNP
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seed_and_one_thread")  # tests/conftest.py
 
 
 def small_detector(**overrides):
@@ -39,12 +34,6 @@ def small_detector(**overrides):
 
 def make_images(B=2, H=128, W=128, dtype=torch.float32):
     return torch.rand(B, 3, H, W, dtype=dtype)
-
-
-def box_targets(boxes, labels, crowd=None, dtype=torch.float32):
-    boxes = torch.tensor(boxes, dtype=dtype).reshape(-1, 4)
-    crowd = torch.zeros(0, 4, dtype=dtype) if crowd is None else torch.tensor(crowd, dtype=dtype).reshape(-1, 4)
-    return {"boxes": boxes, "labels": torch.tensor(labels, dtype=torch.int64), "crowd": crowd}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 import torchvision
 from torchvision.models.detection.image_list import ImageList
 
+from conftest import box_target as target
 from detectors import build_detector, predict, supervised_losses
 from detectors.anchors import AnchorGenerator
 from detectors.dense import DenseOutput
@@ -20,25 +21,13 @@ from detectors.fcos import (BACKGROUND, IGNORED, STRIDES, FCOSCriterion, FCOSPos
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seed_and_one_thread")  # tests/conftest.py
 
 
 def small_fcos(**overrides):
     """The CPU preset's shape: ResNet-18, a 64-channel FPN, a 2-conv head with GroupNorm(32)."""
     settings = dict(num_classes=NUM_CLASSES, backbone="resnet18", fpn_channels=64, num_convs=2, norm_groups=32)
     return build_detector("fcos", **(settings | overrides))
-
-
-def target(boxes, labels, crowd=None, dtype=torch.float32):
-    crowd = torch.zeros(0, 4) if crowd is None else torch.tensor(crowd).reshape(-1, 4)
-    return {"boxes": torch.tensor(boxes, dtype=dtype).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.int64),
-            "crowd": crowd.to(dtype)}
 
 
 def synthetic_outputs(B, H, W, *, dtype=torch.float32, requires_grad=True):

@@ -12,6 +12,7 @@ import torchvision
 from torchvision.models.detection import _utils as tv_utils
 from torchvision.models.detection.image_list import ImageList
 
+from conftest import box_target as target
 from detectors import build_detector, predict, supervised_losses
 from detectors.anchors import AnchorGenerator
 from detectors.box_ops import BoxCoder, box_iou
@@ -23,13 +24,7 @@ NUM_CLASSES = 3
 A = 9
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seed_and_one_thread")  # tests/conftest.py
 
 
 def small_retinanet(**overrides):
@@ -37,12 +32,6 @@ def small_retinanet(**overrides):
     settings = dict(num_classes=NUM_CLASSES, backbone="resnet18", fpn_channels=64, num_convs=2,
                     anchor_sizes=[8, 16, 32, 64, 128])
     return build_detector("retinanet", **(settings | overrides))
-
-
-def target(boxes, labels, crowd=None, dtype=torch.float32):
-    crowd = torch.zeros(0, 4) if crowd is None else torch.tensor(crowd).reshape(-1, 4)
-    return {"boxes": torch.tensor(boxes, dtype=dtype).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.int64),
-            "crowd": crowd.to(dtype)}
 
 
 def synthetic_outputs(B, H, W, *, dtype=torch.float32, requires_grad=True, anchor_sizes=COCO_ANCHOR_SIZES):
