@@ -1,17 +1,17 @@
 """The hot path of the three methods: each op has a plain-PyTorch reference and a fused kernel.
 
+"ghm" below is the gradient harmonizing mechanism (GHM; Li, Liu and Wang, AAAI 2019, arXiv:1811.05181), whose
+histogram of gradient norms SED's Eq. 5 adopts; "frs" is the feature richness score (FRS; Du et al., NeurIPS
+2021, arXiv:2111.00674), the teacher's maximum class score that Dense Teacher ranks locations by. The papers:
+SED, Guo et al., CVPR 2022, arXiv:2203.12244; Soft Teacher, Xu et al., ICCV 2021, arXiv:2106.09018; Dense
+Teacher, Zhou et al., ECCV 2022, arXiv:2207.02541 (docs/METHODS.md, "The fused ops").
+
     ghm_kl          SED's re-weighted KL (Eq. 5)                       -> torch.ops.ssod_ops.ghm_kl
     jitter_boxes    Soft Teacher's box jittering (Sec. 3.3, Eq. 7)    -> torch.ops.ssod_ops.jitter_apply
     refine_stats    Soft Teacher's box uncertainty (Eq. 8-9)          -> torch.ops.ssod_ops.refine_stats
     frs_topk_mask   Dense Teacher's learning region (Eq. 3-4)         -> torch.ops.ssod_ops.frs_topk_mask
     frs_qfl         Dense Teacher's QFL on that region (Eq. 2)        (the region from the fused op)
     kl_per_sample   the binary / softmax KL every KL of the methods uses (the reference of ghm_kl too)
-
-"ghm" is the gradient harmonizing mechanism (GHM; Li, Liu and Wang, AAAI 2019, arXiv:1811.05181), whose histogram
-of gradient norms SED's Eq. 5 adopts; "frs" is the feature richness score (FRS; Du et al., NeurIPS 2021,
-arXiv:2111.00674), the teacher's maximum class score that Dense Teacher ranks locations by. The papers: SED, Guo
-et al., CVPR 2022, arXiv:2203.12244; Soft Teacher, Xu et al., ICCV 2021, arXiv:2106.09018; Dense Teacher, Zhou
-et al., ECCV 2022, arXiv:2207.02541 (docs/METHODS.md, "The fused ops").
 
 Every public function picks the fused kernel of the C++ extension `semi._C` (built from `csrc/`, see
 `csrc/README.md`) when it is importable and supports the tensors' device, and the `*_reference` function

@@ -103,7 +103,7 @@ class SEDConfig:
     ema_policy: str = "step"
     ema_start: float | None = None
     ema_end: float = 0.9
-    ema_milestone: int | None = None  # the first LR milestone, from the run's LR schedule (`build_sed`)
+    ema_milestone: int | None = None  # the first LR milestone, from the run's LR schedule (engine.config.sed_config)
     max_iter: int | None = None  # the cosine policy's horizon
 
     # Diagnostics only: the teacher's detections above this score are returned as `pseudo_boxes`.
