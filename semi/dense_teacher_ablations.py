@@ -62,7 +62,8 @@ def assigned_foreground(detector: Detector, outputs: DenseOutput, boxes: list[di
     """The rows the detector's own label assignment makes positive for the given boxes.
 
     boxes: B dicts {"boxes" (N_i, 4) xyxy, "labels" int64 (N_i,)} in the batch's frame (pseudo-boxes or the
-    hidden ground truth). valid: bool (B, N), the rows inside the images' valid regions. Returns bool (R,) over the valid rows.
+    hidden ground truth). valid: bool (B, N), the rows inside the images' valid regions. Returns bool (R,) over
+    the valid rows.
     """
     targets = [{"boxes": b["boxes"].detach(), "labels": b["labels"]} for b in boxes]
     matched = detector.criterion.assign(outputs, targets, image_sizes).matched  # (B, N), >= 0 where positive
