@@ -247,7 +247,7 @@ def evaluate(detector, loader, *, coco_gt: COCO, category_ids: list[int], class_
     """Run `detectors.predict` over a validation loader and score it with COCOeval.
 
     detector: a `detectors.Detector` (model, criterion, postprocessor); it runs in eval mode and is put back
-    into its previous mode afterwards. loader: yields `data.loader.Batch` (images float32 (B, 3, H, W) in
+    into its previous mode afterwards. loader: yields `structures.Batch` (images float32 (B, 3, H, W) in
     [0, 1], image_sizes, matrices original -> batch frame, image_ids, orig_sizes).
     category_ids[c] / class_names[c]: COCO id and name of contiguous label c.
     max_images: stop after this many images (the metrics cover only them).
