@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on the validation set: COCO box metrics, per-class AP, detections as COCO JSON.
+"""Evaluate a checkpoint on the validation set: COCO box metrics (VOC: and VOC07 AP50), per-class AP, results.
 
     python evaluate.py runs/supervised_fcos_10pct/last.pth      # last.pth: the run's newest checkpoint
     python evaluate.py CKPT --which student --vis 8            # also draw 8 images with boxes to PNG
@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vis", type=int, default=0, metavar="N", help="draw N val images with boxes to PNG files")
     parser.add_argument("--vis-dir", default="", help="where the PNG files go (default: <checkpoint dir>/vis)")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="lowest score drawn by --vis")
-    parser.add_argument("--data-root", default=None, help="COCO root on this machine (overrides the checkpoint's)")
+    parser.add_argument("--data-root", default=None,
+                        help="COCO root or VOCdevkit on this machine (overrides the checkpoint's)")
     parser.add_argument("--val-json", default=None)
     parser.add_argument("--val-images", default=None)
     parser.add_argument("--builtin-dir", default=None, help="cache folder of the built-in dataset")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     val = val_set(cfg.test_size, cfg.test_max_size)  # the single-scale test; the drawings' view
     common = dict(coco_gt=load_coco(files.val_json, verbose=args.verbose), category_ids=meta["category_ids"],
                   class_names=meta["class_names"], max_images=args.max_images or None, verbose=args.verbose,
-                  progress=True)
+                  progress=True, voc07=cfg.dataset == "voc")
     print(f"evaluating the {which} of {path} ({cfg.detector}, {cfg.method}) on {files.val_json}", flush=True)
     multiscale = args.test_sizes is not None or args.hflip
     if multiscale:

@@ -308,7 +308,8 @@ def train(cfg: Config) -> dict:
         results = {}
         for name, detector in models.items():
             result = evaluate(detector, val_loader, coco_gt=coco_gt, category_ids=labeled.label_to_category_id,
-                              class_names=labeled.class_names, max_images=max_images)
+                              class_names=labeled.class_names, max_images=max_images,
+                              voc07=cfg.dataset == "voc")  # Pascal VOC: VOC07 AP50 too
             if main:
                 print(f"\n[{name} @ {iteration}] {result.num_images} images\n{result.table()}", flush=True)
                 log.write({"iteration": iteration, "eval": name, "elapsed": round(time.perf_counter() - started, 1),

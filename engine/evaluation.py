@@ -7,6 +7,11 @@
 Metrics are fractions in [0, 1] (printed as percentages). A run with no detections at all scores 0 instead
 of crashing pycocotools, whose `loadRes` cannot take an empty list.
 
+Pascal VOC (`voc07=True`): next to COCO's metrics, VOC07's own AP50 (`voc07_metrics`): per class, the
+detections by decreasing score are matched to the ground truth at IoU > 0.5, a detection whose best match is
+a `difficult` object counts neither way, and the 11-point interpolated precision is averaged; the mean over
+the classes that have a non-difficult object is `metrics["AP50_VOC07"]`.
+
 Multi-scale testing (`evaluate_multiscale`, SED paper Tab. 7): the same images at several short sides, and
 optionally mirrored; every pass's detections go back to original pixels, `merge_detections` fuses the passes
 of an image with class-wise NMS, and the merged detections are scored as above. `predict_multiscale` does
@@ -54,6 +59,7 @@ class Evaluation:
     results: list[dict] = field(repr=False)
     num_images: int = 0
     seconds: float = 0.0
+    per_class_voc07: dict[str, float] = field(default_factory=dict)  # class name -> VOC07 AP50 (voc07=True)
 
     def table(self) -> str:
         """The metrics and the per-class AP as a fixed-width text table, values in percent."""
@@ -64,10 +70,19 @@ class Evaluation:
 
         lines = [row(METRIC_NAMES[:6], [self.metrics[k] for k in METRIC_NAMES[:6]]),
                  row(METRIC_NAMES[6:], [self.metrics[k] for k in METRIC_NAMES[6:]])]
+
+        def cell(value: float) -> str:
+            return f"{100 * value:6.2f}" if not math.isnan(value) else f"{'-':>6}"
+
+        if "AP50_VOC07" in self.metrics:
+            lines.append(f"VOC07 AP50 (11-point, difficult ignored): {cell(self.metrics['AP50_VOC07']).strip()}")
         if self.per_class:
             width = max(len(name) for name in self.per_class)
+            voc = self.per_class_voc07
             lines.append("per-class AP:")
-            lines += [f"  {name:<{width}} " + (f"{100 * ap:6.2f}" if not math.isnan(ap) else f"{'-':>6}")
+            if voc:
+                lines.append(f"  {'':<{width}} {'COCO':>6} {'VOC07':>6}")
+            lines += [f"  {name:<{width}} {cell(ap)}" + (f" {cell(voc.get(name, math.nan))}" if voc else "")
                       for name, ap in self.per_class.items()]
         return "\n".join(lines)
 
@@ -241,10 +256,95 @@ def coco_metrics(coco_gt: COCO, results: list[dict], *, image_ids: list[int], cl
     return metrics, per_class
 
 
+# --------------------------------------------------------------------------------------------------------
+# Pascal VOC07 AP50
+# --------------------------------------------------------------------------------------------------------
+
+VOC07_IOU = 0.5  # a detection matches when IoU > 0.5 (strictly, as the devkit compares)
+VOC07_RECALLS = np.arange(0.0, 1.1, 0.1)  # the 11 recall points, built as the devkit builds them
+
+
+def voc07_average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC07's 11-point AP: the mean over t in {0, 0.1, ..., 1} of the highest precision at recall >= t
+    (0 where no point reaches t). recall, precision: float (D,), one point per detection by decreasing score."""
+    points = [precision[recall >= t].max() if (recall >= t).any() else 0.0 for t in VOC07_RECALLS]
+    return float(np.mean(points))
+
+
+def voc07_metrics(coco_gt: COCO, results: list[dict], *, image_ids: list[int],
+                  class_names: dict[int, str]) -> tuple[float, dict[str, float]]:
+    """VOC07 AP50 of `results` (COCO result entries) over `image_ids`, the devkit's rules.
+
+    Ground truth: the annotations of `coco_gt` (bbox [x, y, w, h], 0-based continuous, as data/voc.py writes
+    them); an annotation is difficult when its `difficult` flag is set (without the flag, when it is crowd).
+    In these coordinates plain IoU equals the devkit's "+1" IoU on its 1-based pixel boxes (data/voc.py).
+    Per class, detections by decreasing score (ties in input order): the ground-truth box of the same image
+    with the highest IoU is its match if IoU > 0.5; a match to a difficult object is ignored (neither true nor
+    false positive), a first match to another object is a true positive, a repeated one a false positive, and
+    no match a false positive. recall = TP / (non-difficult objects), precision = TP / (TP + FP), and AP is
+    `voc07_average_precision`. class_names: category id -> name.
+    Returns (mean AP over the classes with a non-difficult object, name -> AP; nan for the others).
+    """
+    images = set(image_ids)
+    grouped: dict[tuple[int, int], list[tuple[list[float], bool]]] = {}  # (category, image) -> [(xyxy, difficult)]
+    for ann in coco_gt.dataset.get("annotations", []):
+        if ann["image_id"] in images:
+            x, y, w, h = ann["bbox"]
+            difficult = bool(ann.get("difficult", ann.get("iscrowd", 0)))
+            grouped.setdefault((ann["category_id"], ann["image_id"]), []).append(([x, y, x + w, y + h], difficult))
+    truth = {key: (np.array([box for box, _ in objects], dtype=np.float64).reshape(-1, 4),  # (G, 4) xyxy
+                   np.array([difficult for _, difficult in objects], dtype=bool))  # (G,)
+             for key, objects in grouped.items()}
+    by_class: dict[int, list[dict]] = {}
+    for r in results:
+        if r["image_id"] in images:
+            by_class.setdefault(r["category_id"], []).append(r)
+
+    per_class = {}
+    for category_id, name in class_names.items():
+        num_objects = sum(int((~difficult).sum()) for (c, _), (_, difficult) in truth.items() if c == category_id)
+        if num_objects == 0:
+            per_class[name] = math.nan
+            continue
+        detections = by_class.get(category_id, [])
+        order = np.argsort([-r["score"] for r in detections], kind="stable")
+        found = {key: np.zeros(len(difficult), dtype=bool) for key, (_, difficult) in truth.items()
+                 if key[0] == category_id}  # objects already matched
+        tp, fp = np.zeros(len(detections)), np.zeros(len(detections))
+        for rank, index in enumerate(order):
+            det = detections[index]
+            key = (category_id, det["image_id"])
+            if key not in truth:
+                fp[rank] = 1
+                continue
+            boxes, difficult = truth[key]
+            x, y, w, h = det["bbox"]
+            iw = np.clip(np.minimum(boxes[:, 2], x + w) - np.maximum(boxes[:, 0], x), 0, None)  # (G,)
+            ih = np.clip(np.minimum(boxes[:, 3], y + h) - np.maximum(boxes[:, 1], y), 0, None)  # (G,)
+            inter = iw * ih
+            iou = inter / (w * h + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter)  # (G,)
+            best = int(iou.argmax())
+            if iou[best] <= VOC07_IOU:
+                fp[rank] = 1
+            elif difficult[best]:  # ignored
+                continue
+            elif found[key][best]:  # a second detection of the same object
+                fp[rank] = 1
+            else:
+                tp[rank], found[key][best] = 1, True
+        tp, fp = np.cumsum(tp), np.cumsum(fp)
+        recall = tp / num_objects
+        precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+        per_class[name] = voc07_average_precision(recall, precision)
+    defined = [ap for ap in per_class.values() if not math.isnan(ap)]
+    return (float(np.mean(defined)) if defined else math.nan), per_class
+
+
 @torch.no_grad()
 def evaluate(detector, loader, *, coco_gt: COCO, category_ids: list[int], class_names: list[str],
-             max_images: int | None = None, verbose: bool = False, progress: bool = False) -> Evaluation:
-    """Run `detectors.predict` over a validation loader and score it with COCOeval.
+             max_images: int | None = None, verbose: bool = False, progress: bool = False,
+             voc07: bool = False) -> Evaluation:
+    """Run `detectors.predict` over a validation loader and score it with COCOeval (and VOC07 AP50 if voc07).
 
     detector: a `detectors.Detector` (model, criterion, postprocessor); it runs in eval mode and is put back
     into its previous mode afterwards. loader: yields `structures.Batch` (images float32 (B, 3, H, W) in
@@ -270,14 +370,14 @@ def evaluate(detector, loader, *, coco_gt: COCO, category_ids: list[int], class_
             if max_images is not None and len(image_ids) * distributed.world_size() >= max_images:
                 break
     return _score(results, image_ids, seconds, coco_gt=coco_gt, category_ids=category_ids, class_names=class_names,
-                  verbose=verbose)
+                  verbose=verbose, voc07=voc07)
 
 
 @torch.no_grad()
 def evaluate_multiscale(detector, loaders: list, *, hflip: bool = False, iou_threshold: float = 0.5,
                         max_detections: int = 100, coco_gt: COCO, category_ids: list[int], class_names: list[str],
                         max_images: int | None = None, verbose: bool = False,
-                        progress: bool = False) -> Evaluation:
+                        progress: bool = False, voc07: bool = False) -> Evaluation:
     """Test-time augmentation: `evaluate` with every image seen at several scales (and mirrored), merged.
 
     loaders: one validation loader per test scale (each with its own eval transform), over the same images
@@ -317,12 +417,13 @@ def evaluate_multiscale(detector, loaders: list, *, hflip: bool = False, iou_thr
             if max_images is not None and len(image_ids) * distributed.world_size() >= max_images:
                 break
     return _score(results, image_ids, seconds, coco_gt=coco_gt, category_ids=category_ids, class_names=class_names,
-                  verbose=verbose)
+                  verbose=verbose, voc07=voc07)
 
 
 def _score(results: list[dict], image_ids: list[int], seconds: float, *, coco_gt: COCO, category_ids: list[int],
-           class_names: list[str], verbose: bool) -> Evaluation:
-    """Gather this rank's COCO results on rank 0, score them there, and give every rank the scores."""
+           class_names: list[str], verbose: bool, voc07: bool = False) -> Evaluation:
+    """Gather this rank's COCO results on rank 0, score them there (COCO, and VOC07 AP50 if voc07), and give
+    every rank the scores."""
     names = {category_id: name for category_id, name in zip(category_ids, class_names)}
     gathered = distributed.gather((results, image_ids, seconds))  # [(results, ids, seconds) per rank] on rank 0
     summary = None
@@ -330,9 +431,15 @@ def _score(results: list[dict], image_ids: list[int], seconds: float, *, coco_gt
         results = [r for rank_results, _, _ in gathered for r in rank_results]
         image_ids = [i for _, rank_ids, _ in gathered for i in rank_ids]
         metrics, per_class = coco_metrics(coco_gt, results, image_ids=image_ids, class_names=names, verbose=verbose)
-        summary = (metrics, per_class, len(image_ids), max(rank_seconds for _, _, rank_seconds in gathered))
-    metrics, per_class, num_images, seconds = distributed.broadcast(summary)
-    return Evaluation(metrics=metrics, per_class=per_class, results=results, num_images=num_images, seconds=seconds)
+        per_class_voc07 = {}
+        if voc07:
+            metrics["AP50_VOC07"], per_class_voc07 = voc07_metrics(coco_gt, results, image_ids=image_ids,
+                                                                   class_names=names)
+        summary = (metrics, per_class, per_class_voc07, len(image_ids),
+                   max(rank_seconds for _, _, rank_seconds in gathered))
+    metrics, per_class, per_class_voc07, num_images, seconds = distributed.broadcast(summary)
+    return Evaluation(metrics=metrics, per_class=per_class, results=results, num_images=num_images, seconds=seconds,
+                      per_class_voc07=per_class_voc07)
 
 
 @contextlib.contextmanager
