@@ -66,7 +66,7 @@ class Config:
     unlabeled_images: str = ""
     percent: float = 10.0  # share of the training images that keep their labels; 100 = fully supervised
     fold: int = 1  # which random split of that share (1..5, seeded per fold)
-    split_file: str = ""  # explicit split file (a list of image ids, or the peers' format) instead of percent / fold
+    split_file: str = ""  # explicit split: ids list, COCO_supervision.txt, or Soft Teacher's {fold}@{percent}.json
     split_dir: str = ""  # where the split's JSON files go; empty: <dataset root>/splits (built-in), <output_dir>/splits
     train_sizes: list[int] = field(default_factory=lambda: [800])  # short side, one drawn per image
     train_max_size: int = 1333  # cap on the long side

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from data.splits import make_split, select_labeled, split_from_file, with_extra_unlabeled
+from data.splits import (labeled_ids_from_file, make_split, select_labeled, split_from_file, split_overlap,
+                         with_extra_unlabeled)
+from data.splits import main as splits_main
 
 
 def _write_train(path, ids):
@@ -118,26 +120,69 @@ def test_explicit_list_of_ids(train, tmp_path):
         split_from_file(path, split_file=split_file, out_dir=tmp_path / "out")
 
 
-def test_peers_format_indices_into_sorted_ids(train, tmp_path):
-    path, _, ids = train
-    split_file = tmp_path / "COCO_supervision.json"
-    split_file.write_text(json.dumps({"1.0": {"0": [3]}, "10.0": {"0": [0, 36, 4], "1": [1, 2, 3, 5]}}))
+def _annotated_train(path):
+    """Images 1..30: none for multiples of 5, only a crowd object for 7, one object for the others (23)."""
+    coco = {"categories": [{"id": 5, "name": "thing"}],
+            "images": [{"id": i, "file_name": f"{i}.png", "width": 8, "height": 8} for i in range(1, 31)],
+            "annotations": [{"id": i, "image_id": i, "category_id": 5, "bbox": [0, 0, 2, 2], "iscrowd": int(i == 7)}
+                            for i in range(1, 31) if i % 5]}
+    path.write_text(json.dumps(coco))
+    return [i for i in range(1, 31) if i % 5 and i != 7]
+
+
+def test_coco_supervision_positions_index_the_images_with_objects(tmp_path):
+    path = tmp_path / "instances_train2017.json"
+    annotated = _annotated_train(path)  # the list the authors' loaders index: 23 images
+    split_file = tmp_path / "COCO_supervision.txt"
+    split_file.write_text(json.dumps({"10.0": {"1": [22, 0], "2": [0, 1, 2]}, "50.0": {"0": list(range(3, 14))}}))
     labeled_json, unlabeled_json = split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=10, fold=1)
     assert labeled_json.name == "instances_train2017.COCO_supervision.1@10.json"
-    assert _ids(labeled_json) == [ids[1], ids[2], ids[3], ids[5]]
-    fold0 = split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=10.0, fold=0)
-    assert _ids(fold0.labeled_json) == [ids[0], ids[4], ids[36]]
-    assert len(_ids(fold0.unlabeled_json)) == 34
+    assert _ids(labeled_json) == [annotated[0], annotated[22]] == [1, 29]
+    assert len(_ids(unlabeled_json)) == 28  # every other image of the file, empty ones included
+    half = split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=50.0, fold=0)
+    assert _ids(half.labeled_json) == annotated[3:14]  # int(50 / 100 * 23) = 11 positions
 
+    # The authors' count check: int(10 / 100 * 23) = 2 positions, not 3.
+    with pytest.raises(ValueError, match=r"holds 3 positions; .* int\(10 / 100 \* 23\) = 2 .*another training"):
+        split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=10, fold=2)
     with pytest.raises(ValueError, match="needs `percent` and `fold`"):
         split_from_file(path, split_file=split_file, out_dir=tmp_path)
     with pytest.raises(ValueError, match="no list for percent 5"):
         split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=5, fold=0)
     with pytest.raises(ValueError, match="no list for fold 7"):
-        split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=1, fold=7)
-    split_file.write_text(json.dumps({"10": {"0": [0, 37]}}))
-    with pytest.raises(ValueError, match=r"COCO_supervision.json: indices must be integers in \[0, 37\)"):
+        split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=10, fold=7)
+    split_file.write_text(json.dumps({"10": {"0": [0, 23]}}))
+    with pytest.raises(ValueError, match=r"COCO_supervision.txt: positions must be integers in \[0, 23\)"):
         split_from_file(path, split_file=split_file, out_dir=tmp_path, percent=10, fold=0)
+
+
+def test_soft_teacher_split_pair_is_taken_as_it_is(train, tmp_path):
+    path, coco, ids = train
+    labeled = tmp_path / "instances_train2017.1@10.json"
+    unlabeled = tmp_path / "instances_train2017.1@10-unlabeled.json"
+    labeled.write_text(json.dumps({**coco, "images": [im for im in coco["images"] if im["id"] in ids[:4]]}))
+    with pytest.raises(FileNotFoundError, match="needs its unlabeled twin .*1@10-unlabeled.json"):
+        split_from_file(path, split_file=labeled, out_dir=tmp_path / "out")
+    unlabeled.write_text(json.dumps({**coco, "images": [im for im in coco["images"] if im["id"] not in ids[:4]]}))
+    paths = split_from_file(path, split_file=labeled, out_dir=tmp_path / "out", percent=10, fold=1)
+    assert paths == (labeled, unlabeled) and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="give the labeled file of the pair"):
+        split_from_file(path, split_file=unlabeled, out_dir=tmp_path / "out")
+    assert labeled_ids_from_file(path, split_file=labeled) == ids[:4]
+
+
+def test_overlap_with_our_rule(train, tmp_path, capsys):
+    path, _, ids = train
+    ours = select_labeled(ids, percent=30, fold=2)  # 11 of 37
+    split_file = tmp_path / "list.json"
+    split_file.write_text(json.dumps(ours[:6] + [i for i in ids if i not in ours][:5]))
+    result = split_overlap(path, split_file=split_file, percent=30, fold=2)
+    assert (result["file"], result["ours"], result["both"], result["images"]) == (11, 11, 6, 37)
+    assert result["jaccard"] == pytest.approx(6 / 16) and result["chance"] == pytest.approx(11 * 11 / 37)
+    printed = splits_main(["overlap", "--train-json", str(path), "--split-file", str(split_file), "--percent", "30",
+                           "--fold", "2"])
+    assert printed == result
+    assert "shared: 6 (54.5% of the file's, 54.5% of ours; Jaccard 0.375)" in capsys.readouterr().out
 
 
 def test_bad_split_file(train, tmp_path):
