@@ -110,7 +110,7 @@ def with_extra_unlabeled(unlabeled_json: str | Path, extra_json: str | Path, *, 
               "images": first["images"] + second["images"],
               "annotations": first.get("annotations", []) + second.get("annotations", [])}
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, merged)
+    write_json_atomic(out, merged)
     return out
 
 

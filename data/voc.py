@@ -229,25 +229,6 @@ def coco20_json(coco_train_json: str | Path, coco_images: str | Path, out_dir: s
     return out
 
 
-def merge_sets(json_paths: list[Path], out: Path) -> Path:
-    """Several COCO files of the VOC categories as one (images and annotations concatenated), rewritten only
-    when a source is newer. Image ids must not repeat; `file_name`s must resolve from one image folder
-    (VOC's are relative to VOCdevkit, COCO-20cls's absolute)."""
-    if out.is_file() and all(out.stat().st_mtime_ns >= p.stat().st_mtime_ns for p in json_paths):
-        return out
-    images, annotations = [], []
-    for path in json_paths:
-        coco = json.loads(Path(path).read_text())
-        images += coco["images"]
-        annotations += [{**a, "id": len(annotations) + k + 1} for k, a in enumerate(coco["annotations"])]
-    ids = [image["id"] for image in images]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"cannot merge {[str(p) for p in json_paths]}: image ids repeat")
-    write_json_atomic(out, {"info": {"description": "merged: " + ", ".join(Path(p).name for p in json_paths)},
-                            "categories": CATEGORIES, "images": images, "annotations": annotations})
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------
 # Reading one image's files
 # --------------------------------------------------------------------------------------------------------

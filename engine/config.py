@@ -30,7 +30,8 @@ from typing import NamedTuple
 
 from data.coco import coco_paths
 from data.synthetic import BuiltinSpec, ensure_builtin
-from data.voc import coco20_json, find_devkit, merge_sets, voc_json
+from data.splits import with_extra_unlabeled
+from data.voc import coco20_json, find_devkit, voc_json
 from semi.dense_teacher import DenseTeacherConfig, build_dense_teacher
 from semi.sed import SEDConfig, build_sed
 from semi.soft_teacher import SoftTeacherConfig, build_soft_teacher
@@ -417,7 +418,7 @@ def voc_files(cfg: Config) -> DatasetFiles:
     if cfg.unlabeled_coco_root:
         coco = coco_paths(cfg.unlabeled_coco_root)
         extra = coco20_json(coco.train_json, coco.train_images, unlabeled.parent)
-        unlabeled = merge_sets([unlabeled, extra], unlabeled.parent / "voc2012_trainval+coco20cls.json")
+        unlabeled = with_extra_unlabeled(unlabeled, extra, out_dir=unlabeled.parent)
     return files._replace(unlabeled_json=unlabeled, unlabeled_images=devkit)
 
 
