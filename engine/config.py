@@ -342,8 +342,9 @@ def voc_preset(method: str, detector: str) -> Config:
       unsupervised weight w_u = 2 outside COCO-standard (Sec. 4.1; the classification weight, 4 on COCO). The
       length is stated neither in the paper nor in the authors' released code (which has no VOC config): we
       take Unbiased Teacher's VOC schedule, whose burn-in and augmentation the paper follows: 180k iterations
-      without LR decay (its steps sit in the last 10 iterations). Burn-in, ramp and teacher start keep Dense
-      Teacher's COCO values (5k, 5k, 3k; 16 and 26 epochs of VOC07 at 16 images).
+      without LR decay (its steps sit in the last 10 iterations). Teacher start, burn-in and ramp keep Dense
+      Teacher's COCO values (the teacher at 3k, the unsupervised loss from 5k, at full weight from 10k: about
+      10, 16 and 32 epochs of VOC07 at 16 images); gradient clipping as its COCO preset.
     * Soft Teacher: its paper (Xu et al., ICCV 2021, arXiv:2106.09018) reports no VOC result and its released
       configs hold none. Our choice: its COCO method settings and 1:4 batch (8 + 32 images, lr 0.01), for the
       40k iterations of SED's Table 1 (the one VOC length among the three papers), LR steps at 2/3 and 8/9.
