@@ -307,37 +307,48 @@ def voc07_metrics(coco_gt: COCO, results: list[dict], *, image_ids: list[int],
             per_class[name] = math.nan
             continue
         detections = by_class.get(category_id, [])
-        order = np.argsort([-r["score"] for r in detections], kind="stable")
+        det_boxes = np.array([r["bbox"] for r in detections], dtype=np.float64).reshape(-1, 4)  # (D, 4) xywh
+        det_boxes[:, 2:] += det_boxes[:, :2]  # (D, 4) xyxy
+        # Each detection's best ground-truth box of its image (the devkit's argmax over all of them, found or
+        # not), one IoU matrix per image: best (D,) index or -1 without ground truth, best_iou (D,).
+        best, best_iou = np.full(len(detections), -1), np.zeros(len(detections))
+        per_image: dict[int, list[int]] = {}
+        for index, r in enumerate(detections):
+            per_image.setdefault(r["image_id"], []).append(index)
+        for image_id, indices in per_image.items():
+            if (category_id, image_id) in truth:
+                iou = _iou_matrix(det_boxes[indices], truth[(category_id, image_id)][0])  # (D_i, G)
+                best[indices], best_iou[indices] = iou.argmax(axis=1), iou.max(axis=1)
         found = {key: np.zeros(len(difficult), dtype=bool) for key, (_, difficult) in truth.items()
                  if key[0] == category_id}  # objects already matched
+        order = np.argsort([-r["score"] for r in detections], kind="stable")
         tp, fp = np.zeros(len(detections)), np.zeros(len(detections))
         for rank, index in enumerate(order):
-            det = detections[index]
-            key = (category_id, det["image_id"])
-            if key not in truth:
+            key, j = (category_id, detections[index]["image_id"]), best[index]
+            if j < 0 or best_iou[index] <= VOC07_IOU:
                 fp[rank] = 1
+            elif truth[key][1][j]:  # difficult: ignored
                 continue
-            boxes, difficult = truth[key]
-            x, y, w, h = det["bbox"]
-            iw = np.clip(np.minimum(boxes[:, 2], x + w) - np.maximum(boxes[:, 0], x), 0, None)  # (G,)
-            ih = np.clip(np.minimum(boxes[:, 3], y + h) - np.maximum(boxes[:, 1], y), 0, None)  # (G,)
-            inter = iw * ih
-            iou = inter / (w * h + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter)  # (G,)
-            best = int(iou.argmax())
-            if iou[best] <= VOC07_IOU:
-                fp[rank] = 1
-            elif difficult[best]:  # ignored
-                continue
-            elif found[key][best]:  # a second detection of the same object
+            elif found[key][j]:  # a second detection of the same object
                 fp[rank] = 1
             else:
-                tp[rank], found[key][best] = 1, True
+                tp[rank], found[key][j] = 1, True
         tp, fp = np.cumsum(tp), np.cumsum(fp)
         recall = tp / num_objects
         precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
         per_class[name] = voc07_average_precision(recall, precision)
     defined = [ap for ap in per_class.values() if not math.isnan(ap)]
     return (float(np.mean(defined)) if defined else math.nan), per_class
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of a (N, 4) with every box of b (M, 4), both xyxy: (N, M)."""
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih  # (N, M)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])  # (N,)
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (M,)
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 @torch.no_grad()
