@@ -54,6 +54,12 @@ METHOD_ARGS = {
 # A small built-in dataset (the preset's 128 px images): generated in seconds.
 BUILTIN_SPEC = {"num_train": 64, "num_val": 8}
 
+# --small (the CPU dry run): the model and the batches of the tests' tiny runs, so that an iteration takes
+# seconds on a CPU, not minutes.
+SMALL = {"labeled_batch": 2, "unlabeled_batch": 2, "train_sizes": [96], "train_max_size": 96, "test_size": 96,
+         "test_max_size": 96, "fpn_channels": 32, "head_convs": 1, "box_head_dim": 32, "rpn_pre_nms_train": 100,
+         "rpn_pre_nms_test": 100, "rpn_post_nms_train": 50, "rpn_post_nms_test": 50, "roi_batch_size": 32}
+
 
 # --------------------------------------------------------------------------------------------------------
 # deps, arch, registered
@@ -158,17 +164,18 @@ def count_fused_calls():
     return calls
 
 
-def run_config(method: str, amp: str, *, device: str, iters: int, work: Path, **overrides):
+def run_config(method: str, amp: str, *, device: str, iters: int, work: Path, small: bool, **overrides):
     from engine.config import resolve_config
 
     detector = METHODS[method][0]
+    method_args = METHOD_ARGS[method] | ({"jitter_times": 2} if small and method == "soft_teacher" else {})
     return resolve_config({
         "method": method, "detector": detector, "device": device, "amp": amp, "max_iter": iters, "seed": 0,
         "builtin_dir": str(work / "builtin"), "builtin_spec": BUILTIN_SPEC, "percent": 50.0,
         "output_dir": str(work / "runs" / f"{method}_{detector}_{amp or 'fp32'}"), "log_period": 1,
         "eval_period": 10**6, "checkpoint_period": iters, "draw_period": 0, "num_workers": 0,
-        "method_args": METHOD_ARGS[method],
-    } | overrides)
+        "method_args": method_args,
+    } | (SMALL if small else {}) | overrides)
 
 
 def check_finished_run(cfg) -> str:
@@ -213,7 +220,8 @@ def train(args) -> int:
             start = time.perf_counter()
             calls.clear()
             try:
-                cfg = run_config(method, PRECISIONS[label], device=args.device, iters=args.iters, work=work)
+                cfg = run_config(method, PRECISIONS[label], device=args.device, iters=args.iters, work=work,
+                                 small=args.small)
                 shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a run of an earlier check in the same folder
                 train_script.train(cfg)
                 detail = check_finished_run(cfg)
@@ -282,7 +290,7 @@ def ddp(args) -> int:
     check = f"torchrun {world} process(es), dense_teacher/fcos"
     try:
         work = Path(args.work)
-        cfg = run_config("dense_teacher", "", device=args.device, iters=args.iters, work=work,
+        cfg = run_config("dense_teacher", "", device=args.device, iters=args.iters, work=work, small=args.small,
                          output_dir=str(work / "runs" / "torchrun_dense_teacher_fcos"))
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
         train_script.train(cfg)
@@ -332,6 +340,7 @@ def main() -> int:
         p.add_argument("--methods", default=",".join(METHODS))
         p.add_argument("--precisions", default=",".join(PRECISIONS))
         p.add_argument("--json", default="")
+        p.add_argument("--small", action="store_true", help="tiny model and batches (the CPU dry run)")
     args = parser.parse_args()
     steps = {"deps": deps, "arch": arch, "registered": registered, "train": train, "ddp": ddp,
              "bench-rows": bench_rows}
