@@ -51,8 +51,8 @@ METHOD_ARGS = {
     "sed": {"burn_in": 0, "ramp": 0},
 }
 
-# A small built-in dataset (the preset's 128 px images): generated in seconds.
-BUILTIN_SPEC = {"num_train": 64, "num_val": 8}
+# A small built-in dataset (the preset's 128 px images, no extra unlabeled pool): generated in seconds.
+BUILTIN_SPEC = {"num_train": 64, "num_val": 8, "unlabeled_per_train": 0.0}
 
 # --small (the CPU dry run): the model and the batches of the tests' tiny runs, so that an iteration takes
 # seconds on a CPU, not minutes.
@@ -170,7 +170,10 @@ def run_config(method: str, amp: str, *, device: str, iters: int, work: Path, sm
     detector = METHODS[method][0]
     method_args = METHOD_ARGS[method] | ({"jitter_times": 2} if small and method == "soft_teacher" else {})
     return resolve_config({
+        # From scratch (no generated pretraining: minutes of CPU), so that BatchNorm trains and SyncBatchNorm
+        # has layers to convert.
         "method": method, "detector": detector, "device": device, "amp": amp, "max_iter": iters, "seed": 0,
+        "backbone_pretrain": "",
         "builtin_dir": str(work / "builtin"), "builtin_spec": BUILTIN_SPEC, "percent": 50.0,
         "output_dir": str(work / "runs" / f"{method}_{detector}_{amp or 'fp32'}"), "log_period": 1,
         "eval_period": 10**6, "checkpoint_period": iters, "draw_period": 0, "num_workers": 0,
