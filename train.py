@@ -229,9 +229,10 @@ def train(cfg: Config) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         print(f"config:\n{cfg}", flush=True)
         cfg.save(out_dir / "config.json")
-        if world > 1:
-            print(f"distributed: {world} processes, each {batch.labeled} labeled + {batch.unlabeled} unlabeled images "
-                  f"per iteration (global batch {cfg.labeled_batch} + {batch.unlabeled * world})", flush=True)
+        if distributed.is_distributed():
+            print(f"distributed: {world} process(es) on {distributed.backend()}, each {batch.labeled} labeled + "
+                  f"{batch.unlabeled} unlabeled images per iteration (global batch {cfg.labeled_batch} + "
+                  f"{batch.unlabeled * world})", flush=True)
     torch.set_num_threads(cfg.threads or max(1, os.cpu_count() // distributed.local_world_size()))  # cores shared
     seed_everything(cfg.seed)
 
@@ -252,9 +253,9 @@ def train(cfg: Config) -> dict:
     # ---- model -----------------------------------------------------------------------------------------------
     student = detectors.build_detector(cfg.detector, num_classes=labeled.num_classes, **detector_kwargs(cfg))
     student.model.to(device).train()
-    # Under DDP (several ranks): SyncBatchNorm on CUDA, and `run_losses(f)` calls f inside one forward of the
-    # wrapped student, so that backward averages the gradients over the ranks; its constructor gives every
-    # rank rank 0's weights. One process: the model as it is, and run_losses(f) is f().
+    # Under torchrun (DDP, one rank or more): SyncBatchNorm on CUDA, and `run_losses(f)` calls f inside one
+    # forward of the wrapped student, so that backward averages the gradients over the ranks; its constructor
+    # gives every rank rank 0's weights. Without torchrun: the model as it is, and run_losses(f) is f().
     student = student._replace(model=distributed.sync_batchnorm(student.model, device=device))
     run_losses = distributed.loss_runner(student.model, device=device)
     # The teacher: a copy of the student, updated only by EMA, always in eval mode and without gradients.

@@ -1,12 +1,14 @@
-"""Time the fused ops of csrc/ against their plain-PyTorch formulations, on the CPU.
+"""Time the fused ops of csrc/ against their plain-PyTorch formulations, on the CPU or a GPU.
 
     python bench/ops.py [--threads N] [--repeats R] [--only ghm_kl,frs_topk_mask,jitter]
+    python bench/ops.py --device cuda --sizes coco [--json results.json]
 
 For every op, at the sizes the methods meet on COCO and at the built-in CPU preset's sizes, prints the time
 of the plain formulation, of the fused kernel, the speed-up, and the fraction of the memory-bandwidth
 floor the kernel reaches: (bytes the op must read and write) / (bandwidth of a large copy measured in the
 same run), divided by the kernel's time. 100% would be a kernel as fast as copying its data once. Set
-THP_MEM_ALLOC_ENABLE=0 to see the cost of 4 KB page faults on fresh outputs included.
+THP_MEM_ALLOC_ENABLE=0 to see the cost of 4 KB page faults on fresh outputs included (CPU). On a GPU every
+sample waits for the device (torch.cuda.synchronize) before its clock stops.
 
 Byte counts of the floor:
     ghm_kl         5 R C elements for forward + backward. The weights of Eq. 5 need the counts of all bins,
@@ -22,6 +24,7 @@ Byte counts of the floor:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -38,11 +41,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from semi import ops  # noqa: E402
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def wait() -> None:
+    """Wait for the work queued on the device (nothing to wait for on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def measure(fn: Callable[[], object], *, repeats: int, min_time: float = 0.2) -> float:
     """Median seconds per call, after a warm-up; each sample runs enough calls to last ~min_time / repeats."""
     fn()
+    wait()
     start = time.perf_counter()
     fn()
+    wait()
     once = max(time.perf_counter() - start, 1e-6)
     inner = max(1, int(min_time / repeats / once))
     samples = []
@@ -50,13 +64,14 @@ def measure(fn: Callable[[], object], *, repeats: int, min_time: float = 0.2) ->
         start = time.perf_counter()
         for _ in range(inner):
             fn()
+        wait()
         samples.append((time.perf_counter() - start) / inner)
     return statistics.median(samples)
 
 
 def copy_bandwidth(*, repeats: int) -> float:
     """Bytes per second read plus written by a copy of 256 MB (beyond every cache)."""
-    src = torch.randn(64 * 2**20)
+    src = torch.randn(64 * 2**20, device=DEVICE)
     dst = torch.empty_like(src)
     seconds = measure(lambda: dst.copy_(src), repeats=repeats)
     return 2 * src.numel() * src.element_size() / seconds
@@ -71,7 +86,7 @@ def frs_plain(logits: torch.Tensor, ratio: float):
     """The best plain formulation: max over classes, top-k, then the sigmoid of the k selected only."""
     k = int(logits.shape[0] * ratio)
     values, index = logits.amax(dim=1).topk(k)
-    mask = torch.zeros(logits.shape[0], dtype=torch.bool)
+    mask = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     mask[index] = True
     return mask, torch.sigmoid(values).sum()
 
@@ -97,8 +112,8 @@ def jitter_refine_fused(boxes, deltas, labels, *, times, scale):
 
 def bench_ghm(rows, classes, mode, *, repeats):
     gen = torch.Generator().manual_seed(0)
-    s = torch.randn(rows, classes, generator=gen).requires_grad_()
-    t = torch.randn(rows, classes, generator=gen)
+    s = torch.randn(rows, classes, generator=gen).to(DEVICE).requires_grad_()
+    t = torch.randn(rows, classes, generator=gen).to(DEVICE)
 
     def plain():
         s.grad = None
@@ -112,7 +127,7 @@ def bench_ghm(rows, classes, mode, *, repeats):
 
 
 def bench_frs(rows, classes, *, repeats):
-    logits = torch.randn(rows, classes, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(rows, classes, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     plain = measure(lambda: frs_plain(logits, 0.01), repeats=repeats)
     fused = measure(lambda: ops.frs_topk_mask(logits, ratio=0.01), repeats=repeats)
     return plain, fused, logits.numel() * logits.element_size() + rows
@@ -121,9 +136,9 @@ def bench_frs(rows, classes, *, repeats):
 def bench_jitter(images, boxes_per_image, classes, *, times, repeats):
     gen = torch.Generator().manual_seed(0)
     boxes = [ops.jitter_boxes_reference(torch.tensor([[100.0, 100.0, 300.0, 250.0]]).expand(boxes_per_image, 4),
-                                        times=1, scale=0.2, generator=gen)[0] for _ in range(images)]
-    deltas = [torch.randn(times * boxes_per_image, classes, 4, generator=gen) for _ in range(images)]
-    labels = [torch.randint(0, classes, (boxes_per_image,), generator=gen) for _ in range(images)]
+                                        times=1, scale=0.2, generator=gen)[0].to(DEVICE) for _ in range(images)]
+    deltas = [torch.randn(times * boxes_per_image, classes, 4, generator=gen).to(DEVICE) for _ in range(images)]
+    labels = [torch.randint(0, classes, (boxes_per_image,), generator=gen).to(DEVICE) for _ in range(images)]
     all_boxes = torch.cat(boxes)  # (N, 4)
     n = all_boxes.shape[0]
     # The fused op takes the deltas of all images jitter-major: (T, N, C, 4).
@@ -142,13 +157,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", default="ghm_kl,frs_topk_mask,jitter")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU and a CUDA build of semi._C)")
+    parser.add_argument("--sizes", choices=("all", "coco", "preset"), default="all",
+                        help="the COCO-sized cases, the built-in preset's, or both")
+    parser.add_argument("--json", default="", help="also write the rows to this file (a list of objects)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if not ops.extension_available():
         sys.exit(f"bench/ops.py: the fused kernels are not available ({ops.extension_error()}); build them first")
+    if DEVICE.type == "cuda" and not (torch.cuda.is_available() and ops.extension_compiled_with_cuda()):
+        sys.exit("bench/ops.py: --device cuda needs a GPU and semi._C built with its CUDA kernels (FORCE_CUDA=1)")
     only = set(args.only.split(","))
     bandwidth = copy_bandwidth(repeats=args.repeats)
-    print(f"threads {args.threads}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), "
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"threads {args.threads}"
+    print(f"{where}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}\n")
 
     cases = []
@@ -176,14 +200,23 @@ def main() -> None:
              lambda: bench_jitter(8, 5, 8, times=10, repeats=args.repeats)),
         ]
 
+    if args.sizes != "all":
+        prefix = {"coco": "COCO", "preset": "preset"}[args.sizes]
+        cases = [case for case in cases if case[1].startswith(prefix)]
     header = f"{'op':<27}{'size':<24}{'plain ms':>10}{'fused ms':>10}{'speed-up':>10}{'of floor':>10}"
     print(header)
     print("-" * len(header))
+    rows = []
     for name, size, run in cases:
         plain, fused, floor_bytes = run()
         floor = floor_bytes / bandwidth
         print(f"{name:<27}{size:<24}{plain * 1e3:>10.3f}{fused * 1e3:>10.3f}{plain / fused:>9.1f}x"
-              f"{100 * floor / fused:>9.0f}%")
+              f"{100 * floor / fused:>9.0f}%", flush=True)
+        rows.append({"op": name, "size": size, "device": str(DEVICE), "plain_ms": plain * 1e3, "fused_ms": fused * 1e3,
+                     "speedup": plain / fused, "of_floor": floor / fused})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

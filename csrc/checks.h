@@ -102,6 +102,7 @@ inline void check_jitter_inputs(const at::Tensor& boxes, const at::Tensor& noise
               ": noise must be (times, N, 4) with N = ", boxes.size(0), ", got ", noise.sizes());
   check_device(boxes, device, op, "boxes");
   check_device(noise, device, op, "noise");
+  check_same_device(boxes, noise, op, "boxes", "noise");
   check_contiguous(boxes, op, "boxes");
   check_contiguous(noise, op, "noise");
 }
@@ -125,6 +126,8 @@ inline void check_refine_inputs(const at::Tensor& deltas, const at::Tensor& boxe
   check_device(deltas, device, op, "deltas");
   check_device(boxes, device, op, "boxes");
   check_device(labels, device, op, "labels");
+  check_same_device(deltas, boxes, op, "deltas", "boxes");
+  check_same_device(labels, boxes, op, "labels", "boxes");
   check_contiguous(deltas, op, "deltas");
   check_contiguous(boxes, op, "boxes");
   check_contiguous(labels, op, "labels");

@@ -1,6 +1,7 @@
 """Several processes training one model: the torch.distributed plumbing of train.py.
 
     torchrun --nproc_per_node 8 train.py ...     # one process (rank) per GPU; torchrun sets RANK, WORLD_SIZE, ...
+    torchrun --nproc_per_node 1 train.py ...     # one rank, but in a process group: the code path of N ranks
     python train.py ...                          # none of those variables: one process, no process group
 
     device = init("cuda")                        # joins the process group (NCCL on CUDA, gloo on CPU)
@@ -33,8 +34,10 @@ from torch import nn
 
 
 def launched() -> bool:
-    """True when a launcher (torchrun) started this process as one of several: WORLD_SIZE > 1 in the env."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True when a launcher (torchrun) started this process: RANK and WORLD_SIZE are in the env. One process
+    under torchrun joins a process group of one rank too, so that it runs what N ranks run (DDP, NCCL,
+    SyncBatchNorm), which is how a single GPU can check that path."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init(device: str) -> torch.device:
@@ -42,8 +45,8 @@ def init(device: str) -> torch.device:
 
     device: the config's "cpu" or "cuda" (a "cuda:K" index is ignored under torchrun: rank r of a node takes
     GPU LOCAL_RANK). Backend: NCCL for CUDA, gloo for the CPU. torchrun's env (MASTER_ADDR, MASTER_PORT,
-    RANK, WORLD_SIZE, LOCAL_RANK) says where to meet; without it (or with WORLD_SIZE 1) nothing is joined and
-    `torch.device(device)` comes back. Calling it again once joined only returns the device.
+    RANK, WORLD_SIZE, LOCAL_RANK) says where to meet; without it nothing is joined and `torch.device(device)`
+    comes back. Calling it again once joined only returns the device.
     """
     if not launched():
         return torch.device(device)
@@ -61,8 +64,13 @@ def init(device: str) -> torch.device:
 
 
 def is_distributed() -> bool:
-    """True inside a process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside a process group (one rank or more): the helpers below then talk through it."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def backend() -> str | None:
+    """The process group's backend ("nccl", "gloo"), None without one."""
+    return dist.get_backend() if is_distributed() else None
 
 
 def rank() -> int:
@@ -177,7 +185,7 @@ class _LossModule(nn.Module):
 
 
 def loss_runner(model: nn.Module, *, device: torch.device) -> Callable[[Callable[[], Any]], Any]:
-    """`run(compute) -> compute()`, inside one forward of DistributedDataParallel when several ranks train.
+    """`run(compute) -> compute()`, inside one forward of DistributedDataParallel under torchrun.
 
     Why the whole loss goes through one call: DDP arms its gradient all-reduce in its own forward, but an
     iteration calls the student several times (supervised batch, unlabeled views) and through its parts
@@ -187,7 +195,7 @@ def loss_runner(model: nn.Module, *, device: torch.device) -> Callable[[Callable
 
     compute: takes no argument and calls the student (`model`, unwrapped) as usual. Every trainable
     parameter must get a gradient each iteration (DDP's find_unused_parameters is off; the supervised loss
-    uses them all). One process: `run(compute)` is just `compute()`.
+    uses them all). Without a process group `run(compute)` is just `compute()`.
     """
     if not is_distributed():
         return lambda compute: compute()

@@ -275,3 +275,39 @@ def test_one_process_helpers_degrade_to_the_plain_answer():
     assert run(lambda: 5) == 5
     with distributed.main_first():
         pass
+
+
+def test_one_process_under_torchrun_joins_a_process_group(monkeypatch):
+    """torchrun --nproc_per_node 1: a process group of one rank, so that one GPU runs what N run (DDP, NCCL,
+    SyncBatchNorm); here on gloo. Without torchrun's variables nothing is joined."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.launched() and distributed.init("cpu") == torch.device("cpu")
+    assert not distributed.is_distributed() and distributed.backend() is None
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for name, value in (("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        monkeypatch.setenv(name, value)
+    assert distributed.launched()
+    try:
+        assert distributed.init("cpu") == torch.device("cpu")
+        assert distributed.is_distributed() and distributed.backend() == "gloo"
+        assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+        assert distributed.all_gather({"a": 1}) == [{"a": 1}] and distributed.gather(3) == [3]
+        assert distributed.broadcast("x") == "x"
+        model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+        run = distributed.loss_runner(model, device=torch.device("cpu"))
+        assert isinstance(run, torch.nn.parallel.DistributedDataParallel)
+        run(lambda: model(torch.randn(4, 2)).square().sum()).backward()
+        assert all(p.grad is not None for p in model.parameters())
+        running_mean = model[1].running_mean.clone()
+        distributed.average_buffers(model)  # the mean over one rank: the same numbers
+        assert torch.equal(model[1].running_mean, running_mean)
+        assert distributed.mean_over_ranks({"loss": 2.0}) == {"loss": 2.0}
+        assert distributed.sync_batchnorm(model, device=torch.device("cpu")) is model  # CPU: no SyncBatchNorm
+    finally:
+        distributed.cleanup()
+    assert not distributed.is_distributed()

@@ -51,6 +51,15 @@ def test_extension_is_loaded_when_built():
     assert isinstance(torch.ops.ssod_ops.compiled_with_cuda(), bool)
 
 
+def test_cuda_cases_run_when_expected():
+    # SSOD_EXPECT_CUDA=1 (.ci/gpu_check): the CUDA cases below must run, not be skipped.
+    if os.environ.get("SSOD_EXPECT_CUDA") != "1":
+        pytest.skip("SSOD_EXPECT_CUDA is not set")
+    assert torch.cuda.is_available(), "SSOD_EXPECT_CUDA=1 but torch sees no GPU"
+    assert ops.extension_compiled_with_cuda(), f"semi._C has no CUDA kernels ({ops.extension_error()})"
+    assert "cuda" in DEVICES
+
+
 # --------------------------------------------------------------------------------------------------------
 # ghm_kl
 # --------------------------------------------------------------------------------------------------------
@@ -136,13 +145,16 @@ def test_ghm_kl_bins(bins):
 
 
 @needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bins", [1, 3, 17, 33, 50])
-def test_ghm_kl_bins_forward_and_backward(bins):
+def test_ghm_kl_bins_forward_and_backward(device, bins):
     # The CPU kernel takes different paths by the number of bins (bin sums by vector compares up to 32 bins,
     # scattered beyond; the backward's weights by a lane-wise table lookup up to 32 bins, gathered beyond),
-    # and the vector loops run on whole vectors with a scalar remainder: 5000 elements exercise both.
+    # and the vector loops run on whole vectors with a scalar remainder: 5000 elements exercise both. The
+    # CUDA kernel takes one pass per 16 bins.
     gen = torch.Generator().manual_seed(bins)
     s, t = torch.randn(1000, 5, generator=gen) * 3, torch.randn(1000, 5, generator=gen) * 3
+    s, t = s.to(device), t.to(device)
     s_kernel, s_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
     out = ops.ghm_kl_with_counts(s_kernel, t, mode="sigmoid", bins=bins)
     ref = ops.ghm_kl_reference(s_ref, t, mode="sigmoid", bins=bins)
@@ -153,11 +165,41 @@ def test_ghm_kl_bins_forward_and_backward(bins):
     torch.testing.assert_close(s_kernel.grad, s_ref.grad, rtol=1e-5, atol=1e-9)
 
 
-def check_softmax_rows(rows: int, classes: int, dtype: torch.dtype) -> None:
+def _sigmoid_logits_off_the_bin_edges(n: int, bins: int, gen: torch.Generator, device: str):
+    """(n,) student and teacher logits whose g = |p_s - p_t| lie at the centres of random bins, so that no
+    rounding moves an element across a bin edge (among millions of random pairs, some would be within an ulp
+    of one, and the kernel and the reference could then count it in neighbouring bins)."""
+    top = int((1 - 4e-3) * bins - 0.5) + 1  # bins whose centre leaves room for both probabilities in (0, 1)
+    g = (torch.randint(0, top, (n,), generator=gen, device=device, dtype=torch.float64) + 0.5) / bins
+    low = 1e-3 + torch.rand(n, generator=gen, device=device, dtype=torch.float64) * (1 - g - 2e-3)
+    swap = torch.rand(n, generator=gen, device=device) < 0.5
+    p_s, p_t = torch.where(swap, low + g, low), torch.where(swap, low, low + g)
+    return torch.logit(p_s).float(), torch.logit(p_t).float()
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bins", [300, 5000])
+def test_ghm_kl_many_bins(device, bins):
+    # Hundreds of bins: 19 passes of 16 bins on CUDA; thousands: fewer blocks there, so that the per-block
+    # partials stay small. (With bins 2e-4 wide, random logits would put elements within an ulp of an edge.)
+    gen = torch.Generator(device=device).manual_seed(bins)
+    s, t = (x.reshape(1000, 5) for x in _sigmoid_logits_off_the_bin_edges(5000, bins, gen, device))
+    s_kernel, s_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
+    out = ops.ghm_kl_with_counts(s_kernel, t, mode="sigmoid", bins=bins)
+    ref = ops.ghm_kl_reference(s_ref, t, mode="sigmoid", bins=bins)
+    assert torch.equal(out.counts, ref.counts) and int((out.counts > 0).sum()) > bins // 2
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(s_kernel.grad, s_ref.grad, rtol=1e-5, atol=1e-9)
+
+
+def check_softmax_rows(rows: int, classes: int, dtype: torch.dtype, device: str = "cpu") -> None:
     """Softmax ghm_kl on (rows, classes) logits against the reference: counts, loss and gradient."""
     gen = torch.Generator().manual_seed(classes)
-    s = torch.randn(rows, classes, generator=gen, dtype=dtype) * 3
-    t = torch.randn(rows, classes, generator=gen, dtype=dtype) * 3
+    s = (torch.randn(rows, classes, generator=gen, dtype=dtype) * 3).to(device)
+    t = (torch.randn(rows, classes, generator=gen, dtype=dtype) * 3).to(device)
     s_kernel, s_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
     out = ops.ghm_kl_with_counts(s_kernel, t, mode="softmax", bins=10)
     ref = ops.ghm_kl_reference(s_ref, t, mode="softmax", bins=10)
@@ -169,12 +211,13 @@ def check_softmax_rows(rows: int, classes: int, dtype: torch.dtype) -> None:
 
 
 @needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("classes", [2, 8, 15, 16, 17, 32, 80, 81, 1500])
-def test_ghm_kl_softmax_row_widths(dtype, classes):
+def test_ghm_kl_softmax_row_widths(device, dtype, classes):
     # The CPU kernel reads a row as vectors of up to 16 classes, the last one overlapping the one before (or
     # padded, for rows shorter than a vector); rows wider than 1024 classes go one class at a time.
-    check_softmax_rows(67, classes, dtype)
+    check_softmax_rows(67, classes, dtype, device)
 
 
 @needs_ext
@@ -205,11 +248,13 @@ def test_ghm_kl_g_exactly_zero_and_one_in_the_vector_loops():
     assert out.loss.item() == pytest.approx(200.0 / 2 / 10, rel=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ghm_kl_extreme_logits_are_finite(mode, dtype):
-    s = torch.tensor([[100.0, -100.0, 0.0, 100.0], [-100.0, 100.0, 50.0, -50.0]], dtype=dtype, requires_grad=True)
-    t = torch.tensor([[-100.0, 100.0, 0.0, 100.0], [100.0, -100.0, -50.0, 50.0]], dtype=dtype)
+def test_ghm_kl_extreme_logits_are_finite(device, mode, dtype):
+    s = torch.tensor([[100.0, -100.0, 0.0, 100.0], [-100.0, 100.0, 50.0, -50.0]], dtype=dtype, device=device,
+                     requires_grad=True)
+    t = torch.tensor([[-100.0, 100.0, 0.0, 100.0], [100.0, -100.0, -50.0, 50.0]], dtype=dtype, device=device)
     out = ops.ghm_kl_with_counts(s, t, mode=mode, bins=10)
     ref = ops.ghm_kl_reference(s, t, mode=mode, bins=10)
     out.loss.backward()
@@ -241,11 +286,12 @@ def test_ghm_kl_is_deterministic_across_runs_and_thread_counts(mode):
 
 
 @needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-def test_ghm_kl_gradcheck(mode):
+def test_ghm_kl_gradcheck(device, mode):
     gen = torch.Generator().manual_seed(1)
-    s = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    t = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    s = torch.randn(6, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    t = torch.randn(6, 5, generator=gen, dtype=torch.float64).to(device)
     assert torch.autograd.gradcheck(lambda x: ops.ghm_kl(x, t, mode=mode, bins=4), (s,))
 
 
@@ -273,6 +319,65 @@ def test_kernel_checks_give_clear_errors():
 
 
 
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernels_take_float32_and_float64_only(device, dtype):
+    # The kernels refuse 16-bit tensors with an error naming the op and the argument; the Python entry points
+    # run in float32 (detectors.precision.in_float32), so that under autocast the kernels never see them.
+    name = {torch.float16: "Half", torch.bfloat16: "BFloat16"}[dtype]
+    x = torch.randn(8, 3, device=device).to(dtype)
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0]], device=device).to(dtype)
+    calls = {
+        "ghm_kl: student": lambda: torch.ops.ssod_ops.ghm_kl(x, x, "sigmoid", 10),
+        "ghm_kl_forward: student": lambda: torch.ops.ssod_ops.ghm_kl_forward(x, x, "softmax", 10),
+        "frs_topk_mask: logits": lambda: torch.ops.ssod_ops.frs_topk_mask(x, 2),
+        "jitter_apply: boxes": lambda: torch.ops.ssod_ops.jitter_apply(boxes, boxes.expand(2, 1, 4), 0.1),
+        "refine_stats: boxes": lambda: torch.ops.ssod_ops.refine_stats(
+            boxes.reshape(1, 1, 1, 4).expand(2, 1, 1, 4).contiguous(), boxes.expand(2, 1, 4).contiguous(),
+            torch.zeros(1, dtype=torch.int64, device=device), [10.0, 10.0, 5.0, 5.0], 4.0),
+    }
+    for what, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"ssod_ops.{what} must be float32 or float64, got {name}"):
+            call()
+    student = x.float().requires_grad_()
+    low = student.detach().to(dtype).requires_grad_()
+    out, ref = ops.ghm_kl(low, x, mode="sigmoid"), ops.ghm_kl(student.detach().to(dtype).float(), x.float(),
+                                                                mode="sigmoid")
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    out.backward()
+    assert low.grad.dtype == dtype and torch.isfinite(low.grad.float()).all()
+    assert ops.frs_topk_mask(x, ratio=0.5).fg.dtype == torch.float32
+    assert ops.jitter_boxes(boxes, times=2, scale=0.1).dtype == torch.float32
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_give_the_same_bits_on_every_run(device):
+    # No float atomics anywhere: every sum runs in an order fixed by the problem size.
+    gen = torch.Generator().manual_seed(11)
+    s, t = (torch.randn(5000, 80, generator=gen) * 3).to(device), (torch.randn(5000, 80, generator=gen) * 3).to(device)
+    boxes = _random_boxes(3000, torch.float32, gen).to(device)
+    deltas = torch.randn(10, 3000, 5, 4, generator=gen).to(device)
+    labels = torch.randint(0, 5, (3000,), generator=gen).to(device)
+
+    def run():
+        results = []
+        for mode in ("sigmoid", "softmax"):
+            x = s.clone().requires_grad_()
+            out = ops.ghm_kl_with_counts(x, t, mode=mode, bins=10)
+            out.loss.backward()
+            results += [out.loss, out.counts, x.grad]
+        results += list(ops.frs_topk_mask(s, ratio=0.01))
+        jittered = ops.jitter_boxes(boxes, times=10, scale=0.06, generator=torch.Generator(device).manual_seed(1))
+        results += [jittered, *ops.refine_stats(deltas, jittered, labels)]
+        return results
+
+    first = run()
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(first, run()))
+
+
 # ghm_kl_forward keeps the unweighted gradient dKL / ds (and, in softmax mode, every row's bin) so that the
 # backward is an in-place multiply (ghm_kl_weight_); ghm_kl_backward recomputes the same numbers.
 
@@ -289,13 +394,14 @@ def _reference_dkl_and_bins(s, t, mode, bins):
 
 
 @needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("shape", [(0, 5), (1, 1), (37, 13), (67, 81), (301, 7)])
-def test_ghm_kl_forward_keeps_the_gradient(dtype, mode, shape):
+def test_ghm_kl_forward_keeps_the_gradient(device, dtype, mode, shape):
     gen = torch.Generator().manual_seed(sum(shape))
-    s = torch.randn(shape, generator=gen, dtype=dtype) * 3
-    t = torch.randn(shape, generator=gen, dtype=dtype) * 3
+    s = (torch.randn(shape, generator=gen, dtype=dtype) * 3).to(device)
+    t = (torch.randn(shape, generator=gen, dtype=dtype) * 3).to(device)
     loss, counts, dkl, sample_bins = torch.ops.ssod_ops.ghm_kl_forward(s, t, mode, 10)
     plain_loss, plain_counts = torch.ops.ssod_ops.ghm_kl(s, t, mode, 10)
     assert torch.equal(loss, plain_loss) and torch.equal(counts, plain_counts)  # the same pass
@@ -310,17 +416,18 @@ def test_ghm_kl_forward_keeps_the_gradient(dtype, mode, shape):
 
 
 @needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("bins", [1, 10, 33, 50])
 @pytest.mark.parametrize("shape", [(1, 1), (37, 13), (67, 81), (1000, 5), (20, 300)])
-def test_ghm_kl_weight_equals_the_recomputed_backward(dtype, mode, bins, shape):
+def test_ghm_kl_weight_equals_the_recomputed_backward(device, dtype, mode, bins, shape):
     # The in-place weighting of the forward's dkl and the backward that recomputes it from the logits give
     # the same numbers, bit for bit (bins up to 32 take a table lookup on the CPU, more a gather).
     gen = torch.Generator().manual_seed(bins + sum(shape))
-    s = torch.randn(shape, generator=gen, dtype=dtype) * 3
-    t = torch.randn(shape, generator=gen, dtype=dtype) * 3
-    grad = torch.tensor(0.37, dtype=dtype)
+    s = (torch.randn(shape, generator=gen, dtype=dtype) * 3).to(device)
+    t = (torch.randn(shape, generator=gen, dtype=dtype) * 3).to(device)
+    grad = torch.tensor(0.37, dtype=dtype, device=device)
     _, counts, dkl, sample_bins = torch.ops.ssod_ops.ghm_kl_forward(s, t, mode, bins)
     recomputed = torch.ops.ssod_ops.ghm_kl_backward(grad, s, t, counts, mode, bins)
     torch.ops.ssod_ops.ghm_kl_weight_(dkl, sample_bins, grad, counts, mode, bins)
@@ -331,13 +438,14 @@ def test_ghm_kl_weight_equals_the_recomputed_backward(dtype, mode, bins, shape):
 
 
 @needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-def test_ghm_kl_backward_twice_with_retain_graph(mode):
+def test_ghm_kl_backward_twice_with_retain_graph(device, mode):
     # The first backward hands the forward's buffer over as the gradient; a second backward of the same
     # graph recomputes it, with the same result.
     gen = torch.Generator().manual_seed(3)
-    s = (torch.randn(300, 81, generator=gen) * 3).requires_grad_()
-    t = torch.randn(300, 81, generator=gen) * 3
+    s = (torch.randn(300, 81, generator=gen) * 3).to(device).requires_grad_()
+    t = (torch.randn(300, 81, generator=gen) * 3).to(device)
     loss = 2.5 * ops.ghm_kl(s, t, mode=mode)
     loss.backward(retain_graph=True)
     first = s.grad.clone()
@@ -349,10 +457,11 @@ def test_ghm_kl_backward_twice_with_retain_graph(mode):
 
 
 @needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-def test_ghm_kl_without_grad_gives_the_same_loss(mode):
+def test_ghm_kl_without_grad_gives_the_same_loss(device, mode):
     gen = torch.Generator().manual_seed(4)
-    s, t = torch.randn(500, 81, generator=gen), torch.randn(500, 81, generator=gen)
+    s, t = torch.randn(500, 81, generator=gen).to(device), torch.randn(500, 81, generator=gen).to(device)
     with_grad = ops.ghm_kl_with_counts(s.clone().requires_grad_(), t, mode=mode)
     with torch.no_grad():
         without = ops.ghm_kl_with_counts(s.clone().requires_grad_(), t, mode=mode)
@@ -524,12 +633,15 @@ def test_refine_stats_matches_reference(device, dtype, n, flat):
     torch.testing.assert_close(out.uncertainty, ref.uncertainty, **tol)
 
 
-def test_refine_stats_bad_input():
-    boxes = torch.zeros(10, 3, 4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_refine_stats_bad_input(device):
+    boxes = torch.zeros(10, 3, 4, device=device)
     with pytest.raises(ValueError, match="times >= 2"):
         ops.refine_stats(torch.zeros(1, 3, 2, 4), torch.zeros(1, 3, 4), torch.zeros(3, dtype=torch.int64))
-    with pytest.raises(ValueError, match="labels must lie"):
-        ops.refine_stats(torch.zeros(30, 2, 4), boxes, torch.tensor([0, 1, 2]))
+    # On CUDA too: the kernel cannot raise there, and would give those boxes NaN.
+    for labels in ([0, 1, 2], [0, -1, 1]):
+        with pytest.raises(ValueError, match="labels must lie"):
+            ops.refine_stats(torch.zeros(30, 2, 4, device=device), boxes, torch.tensor(labels, device=device))
     with pytest.raises(ValueError, match="refined_deltas must be"):
         ops.refine_stats(torch.zeros(30, 2, 3), boxes, torch.tensor([0, 1, 1]))
 
@@ -614,9 +726,10 @@ def test_frs_topk_mask_is_deterministic_across_thread_counts():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_frs_topk_mask_k_rounds_to_zero(dtype):
-    logits = torch.randn(99, 3, dtype=dtype)
+def test_frs_topk_mask_k_rounds_to_zero(device, dtype):
+    logits = torch.randn(99, 3, dtype=dtype, device=device)
     for fn in (ops.frs_topk_mask, ops.frs_topk_mask_reference):
         out = fn(logits, ratio=0.01)  # int(0.99) = 0
         assert not out.mask.any() and out.fg.item() == 0.0 and out.fg.dtype == dtype
@@ -652,32 +765,38 @@ def test_frs_qfl_empty_region_is_zero_and_connected():
 
 
 @needs_ext
-def test_opcheck():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
     gen = torch.Generator().manual_seed(0)
-    s, t = torch.randn(16, 9, generator=gen), torch.randn(16, 9, generator=gen)
+    s, t = torch.randn(16, 9, generator=gen).to(device), torch.randn(16, 9, generator=gen).to(device)
+    one = torch.tensor(1.0, device=device)
     for mode in ("sigmoid", "softmax"):
         torch.library.opcheck(torch.ops.ssod_ops.ghm_kl, (s.clone().requires_grad_(), t, mode, 10))
         _, counts = torch.ops.ssod_ops.ghm_kl(s, t, mode, 10)
-        torch.library.opcheck(torch.ops.ssod_ops.ghm_kl_backward, (torch.tensor(1.0), s, t, counts, mode, 10))
-    boxes = _random_boxes(5, torch.float32, gen)
-    torch.library.opcheck(torch.ops.ssod_ops.jitter_apply, (boxes, torch.randn(3, 5, 4, generator=gen), 0.06))
+        torch.library.opcheck(torch.ops.ssod_ops.ghm_kl_backward, (one, s, t, counts, mode, 10))
+    boxes = _random_boxes(5, torch.float32, gen).to(device)
+    noise = torch.randn(3, 5, 4, generator=gen).to(device)
+    torch.library.opcheck(torch.ops.ssod_ops.jitter_apply, (boxes, noise, 0.06))
+    deltas = torch.randn(3, 5, 2, 4, generator=gen).to(device)
+    labels = torch.tensor([0, 1, 1, 0, 1], device=device)
     torch.library.opcheck(
         torch.ops.ssod_ops.refine_stats,
-        (torch.randn(3, 5, 2, 4, generator=gen), boxes.expand(3, 5, 4).contiguous(), torch.tensor([0, 1, 1, 0, 1]),
-         [10.0, 10.0, 5.0, 5.0], math.log(1000 / 16)),
+        (deltas, boxes.expand(3, 5, 4).contiguous(), labels, [10.0, 10.0, 5.0, 5.0], math.log(1000 / 16)),
     )
     torch.library.opcheck(torch.ops.ssod_ops.frs_topk_mask, (s, 4))
 
 
 @needs_ext
-def test_opcheck_ghm_kl_forward_and_weight():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_ghm_kl_forward_and_weight(device):
     gen = torch.Generator().manual_seed(0)
-    s, t = torch.randn(16, 9, generator=gen), torch.randn(16, 9, generator=gen)
+    s, t = torch.randn(16, 9, generator=gen).to(device), torch.randn(16, 9, generator=gen).to(device)
     for mode in ("sigmoid", "softmax"):
         torch.library.opcheck(torch.ops.ssod_ops.ghm_kl_forward, (s, t, mode, 10))  # not differentiable itself
         _, counts, dkl, sample_bins = torch.ops.ssod_ops.ghm_kl_forward(s, t, mode, 10)
         torch.library.opcheck(
-            torch.ops.ssod_ops.ghm_kl_weight_, (dkl, sample_bins, torch.tensor(1.0), counts, mode, 10)
+            torch.ops.ssod_ops.ghm_kl_weight_,
+            (dkl, sample_bins, torch.tensor(1.0, device=device), counts, mode, 10),
         )
 
 
@@ -725,3 +844,113 @@ def test_cuda_frs_topk_mask_matches_cpu():
     gpu = ops.frs_topk_mask(logits.cuda(), ratio=0.01)
     assert torch.equal(cpu.mask, gpu.mask.cpu())
     torch.testing.assert_close(cpu.fg, gpu.fg.cpu())
+
+
+@needs_cuda
+def test_cuda_kernels_run_on_the_current_stream():
+    # Inputs made on a side stream and used there at once: a kernel launched on another stream would race
+    # the work that writes them (the big matmul keeps the side stream busy while the op is queued).
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(4096, 4096, generator=gen).cuda()
+    base = torch.randn(50_000, 80, generator=gen).cuda()
+    boxes = _random_boxes(2000, torch.float32, gen).cuda()
+    deltas, labels = torch.randn(10, 2000, 5, 4, generator=gen).cuda(), torch.randint(0, 5, (2000,)).cuda()
+    noise = torch.randn(10, 2000, 4, generator=gen).cuda()
+
+    def compute():
+        logits = (a @ a)[:1, :1] * 0 + base  # waits for the matmul, on the stream it is queued on
+        x = logits.clone().requires_grad_()
+        loss, counts = torch.ops.ssod_ops.ghm_kl(x, logits, "sigmoid", 10)
+        loss.backward()
+        mask, fg = torch.ops.ssod_ops.frs_topk_mask(logits, 500)
+        jittered = torch.ops.ssod_ops.jitter_apply(boxes + logits[0, 0] * 0, noise, 0.06)
+        mean, uncertainty = torch.ops.ssod_ops.refine_stats(deltas, jittered, labels, [10.0, 10.0, 5.0, 5.0], 4.0)
+        return [loss, counts, x.grad, mask, fg, jittered, mean, uncertainty]
+
+    expected = [r.clone() for r in compute()]
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = compute()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES or torch.cuda.device_count() < 2, reason="needs two GPUs and a CUDA build")
+def test_cuda_kernels_follow_their_inputs_to_another_gpu():
+    # Current device 0, inputs on device 1: the kernels must launch on (and allocate on) device 1.
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(3000, 80, generator=gen), torch.randn(3000, 80, generator=gen)
+    boxes, noise = _random_boxes(100, torch.float32, gen), torch.randn(10, 100, 4, generator=gen)
+    deltas, labels = torch.randn(10, 100, 5, 4, generator=gen), torch.randint(0, 5, (100,), generator=gen)
+    results = {}
+    for device in ("cuda:0", "cuda:1"):
+        with torch.cuda.device(0):
+            x = s.to(device).requires_grad_()
+            out = ops.ghm_kl_with_counts(x, t.to(device), mode="softmax")
+            out.loss.backward()
+            region = ops.frs_topk_mask(s.to(device), ratio=0.01)
+            jittered = torch.ops.ssod_ops.jitter_apply(boxes.to(device), noise.to(device), 0.06)
+            refined = ops.refine_stats(deltas.to(device), jittered, labels.to(device))
+            outputs = [out.loss, out.counts, x.grad, *region, jittered, *refined]
+            assert all(o.device == torch.device(device) for o in outputs)
+            results[device] = [o.cpu() for o in outputs]
+    assert all(torch.equal(a, b) for a, b in zip(results["cuda:0"], results["cuda:1"]))
+    with pytest.raises(RuntimeError, match="jitter_apply: boxes and noise must be on the same device"):
+        torch.ops.ssod_ops.jitter_apply(boxes.to("cuda:0"), noise.to("cuda:1"), 0.06)
+    with pytest.raises(RuntimeError, match="refine_stats: labels and boxes must be on the same device"):
+        torch.ops.ssod_ops.refine_stats(deltas.to("cuda:1"), jittered, labels.to("cuda:0"), [1.0] * 4, 4.0)
+
+
+@needs_cuda
+def test_cuda_refine_stats_kernel_gives_nan_for_a_bad_label_and_the_gpu_stays_usable():
+    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0]] * 2] * 3, device="cuda")  # (T=3, N=2, 4)
+    deltas = torch.zeros(3, 2, 4, 4, device="cuda")
+    mean, uncertainty = torch.ops.ssod_ops.refine_stats(deltas, boxes, torch.tensor([1, 4], device="cuda"),
+                                                        [10.0, 10.0, 5.0, 5.0], 4.0)
+    assert mean[0].tolist() == [0.0, 0.0, 10.0, 10.0] and uncertainty[0].item() == 0.0
+    assert mean[1].isnan().all() and uncertainty[1].isnan()
+    assert torch.ones(3, device="cuda").sum().item() == 3.0  # no device-side assert poisoned the context
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_cuda_ghm_kl_at_coco_sizes(mode):
+    # Sigmoid: RetinaNet's anchors of a COCO batch (350k x 80 = 28M elements: grids capped, loops strided);
+    # softmax: the RoI head's 4096 sampled RoIs x 81.
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    if mode == "sigmoid":
+        s, t = (x.reshape(350_000, 80) for x in _sigmoid_logits_off_the_bin_edges(350_000 * 80, 10, gen, "cuda"))
+    else:
+        s = torch.randn(4096, 81, generator=gen, device="cuda") * 3
+        t = torch.randn(4096, 81, generator=gen, device="cuda") * 3
+    x, x_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
+    out = ops.ghm_kl_with_counts(x, t, mode=mode, bins=10)
+    ref = ops.ghm_kl_reference(x_ref, t, mode=mode, bins=10)
+    assert torch.equal(out.counts, ref.counts)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-12)
+
+
+@needs_cuda
+def test_cuda_frs_topk_mask_and_jitter_refine_at_coco_sizes():
+    # Dense Teacher's 350k locations x 80 classes of a COCO batch; Soft Teacher's boxes far beyond COCO's
+    # (20M jittered coordinates: more than one pass of the capped grid).
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(350_000, 80, generator=gen, device="cuda") * 4
+    _check_frs(logits, 0.01)
+    n = 500_000
+    boxes = _random_boxes(n, torch.float64, torch.Generator().manual_seed(1)).cuda()
+    jittered = ops.jitter_boxes(boxes, times=10, scale=0.06, generator=torch.Generator("cuda").manual_seed(2))
+    expected = ops.jitter_boxes_reference(boxes, times=10, scale=0.06, generator=torch.Generator("cuda").manual_seed(2))
+    torch.testing.assert_close(jittered, expected, **tolerances(torch.float64))
+    deltas = torch.randn(10, n, 2, 4, generator=gen, device="cuda", dtype=torch.float64)
+    labels = torch.randint(0, 2, (n,), generator=gen, device="cuda")
+    out, ref = ops.refine_stats(deltas, jittered, labels), ops.refine_stats_reference(deltas, jittered, labels)
+    torch.testing.assert_close(out.mean_boxes, ref.mean_boxes, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.uncertainty, ref.uncertainty, rtol=1e-9, atol=1e-9)

@@ -5,7 +5,7 @@
 //    the prefix so far (integer atomics: exact counts), read by the host to pick the digit.
 // 3. Ties at the threshold go to the lower index: per-chunk tie counts, a host scan to find the chunk of
 //    the last tie taken, and one thread to find it inside that chunk.
-// 4. The mask, and fg as per-block tree sums merged in block order (deterministic).
+// 4. The mask, and fg as per-block tree sums merged by one block in a fixed order (deterministic).
 // The host reads a few small arrays per call; the region is chosen once per iteration, so that is cheap.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -92,11 +92,12 @@ __global__ void mask_kernel(const Key* __restrict__ keys, const T* __restrict__ 
   if (threadIdx.x == 0) block_fg[blockIdx.x] = total;
 }
 
+// One block merges the per-block sums (block_sum_strided: a fixed order).
 template <typename T>
 __global__ void sum_blocks_kernel(const double* __restrict__ block_fg, int64_t blocks, T* __restrict__ fg) {
-  double total = 0.0;
-  for (int64_t b = 0; b < blocks; ++b) total += block_fg[b];
-  *fg = static_cast<T>(total);
+  __shared__ double shared[kThreads];
+  const double total = block_sum_strided(block_fg, blocks, 1, shared);
+  if (threadIdx.x == 0) *fg = static_cast<T>(total);
 }
 
 template <typename T>
@@ -152,7 +153,7 @@ void frs_topk_mask_launch(const at::Tensor& logits, int64_t k, at::Tensor& mask,
                                                        mask.mutable_data_ptr<bool>(),
                                                        block_fg.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sum_blocks_kernel<T><<<1, 1, 0, stream>>>(block_fg.const_data_ptr<double>(), blocks, fg.mutable_data_ptr<T>());
+  sum_blocks_kernel<T><<<1, kThreads, 0, stream>>>(block_fg.const_data_ptr<double>(), blocks, fg.mutable_data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -2,13 +2,13 @@
 //
 // Forward: a fixed grid (it depends only on the size) grid-strides over the samples; each thread keeps, for
 // a group of up to kGroup bins, its counts and KL sums in registers; each block reduces them with a tree
-// in shared memory into per-block partials; one last block merges the partials in block order and forms
+// in shared memory into per-block partials; one last block merges the partials in a fixed order and forms
 // loss = (1/M) sum_j S_j / R_j. No float atomics: the result is the same on every run. More than kGroup
 // bins take one pass per group. ghm_kl_forward also writes, in the first pass, the unweighted gradient
 // d = p_s - p_t of every sample and (softmax) the bin of every row.
 // Backward: from the forward's d, one in-place multiply per element (ghm_kl_weight_); or recomputing d
-// from the logits (ghm_kl_backward), one thread per element (sigmoid) or per row (softmax). The weights
-// grad / (M R_j) are formed on the device from the saved counts, so nothing waits for the host.
+// with the forward's kernels (ghm_kl_backward), then the same multiply. The weights grad / (M R_j) are
+// formed on the device from the saved counts (as the CPU forms them), so nothing waits for the host.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -22,6 +22,7 @@ namespace ssod {
 namespace {
 
 constexpr int kGroup = 16;
+constexpr int64_t kPartials = int64_t(1) << 22;
 
 // KL and g of sample i: element i (sigmoid) or row i (softmax); with dkl not null, also its dKL / ds into
 // dkl (element i, or row i).
@@ -77,76 +78,43 @@ __global__ void ghm_partials_kernel(const T* __restrict__ s, const T* __restrict
   }
 }
 
-// One thread per bin merges the blocks in order; thread 0 then sums the bins in order.
+// One block merges the blocks' partials of each bin in a fixed order (block_sum_strided), and sums
+// S_j / R_j over the bins in order.
 template <typename T>
 __global__ void ghm_finish_kernel(const double* __restrict__ partial_sums, const int64_t* __restrict__ partial_counts,
-                                  int64_t blocks, int32_t bins, double* __restrict__ bin_sums,
-                                  int64_t* __restrict__ counts, T* __restrict__ loss) {
+                                  int64_t blocks, int32_t bins, int64_t* __restrict__ counts, T* __restrict__ loss) {
+  __shared__ double shared_sums[kThreads];
+  __shared__ int64_t shared_counts[kThreads];
+  double total = 0.0;
+  for (int32_t j = 0; j < bins; ++j) {
+    const double sum = block_sum_strided(partial_sums + j, blocks, bins, shared_sums);
+    const int64_t count = block_sum_strided(partial_counts + j, blocks, bins, shared_counts);
+    if (threadIdx.x == 0) counts[j] = count;
+    if (count > 0) total += sum / static_cast<double>(count);
+  }
+  if (threadIdx.x == 0) *loss = static_cast<T>(total / static_cast<double>(bins));
+}
+
+// The weight of a sample in bin j, grad / (M R_j), formed in double as the CPU kernels form it; 0 for an
+// empty bin (never looked up).
+template <typename T>
+__global__ void ghm_bin_weights_kernel(const T* __restrict__ grad, const int64_t* __restrict__ counts, int32_t bins,
+                                       T* __restrict__ weights) {
+  const double g = static_cast<double>(*grad);
   for (int32_t j = threadIdx.x; j < bins; j += blockDim.x) {
-    double sum = 0.0;
-    int64_t count = 0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      sum += partial_sums[b * bins + j];
-      count += partial_counts[b * bins + j];
-    }
-    bin_sums[j] = sum;
-    counts[j] = count;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int32_t j = 0; j < bins; ++j) {
-      if (counts[j] > 0) total += bin_sums[j] / static_cast<double>(counts[j]);
-    }
-    *loss = static_cast<T>(total / static_cast<double>(bins));
+    const int64_t R = counts[j];
+    weights[j] = R > 0 ? static_cast<T>(g / (static_cast<double>(bins) * static_cast<double>(R))) : T(0);
   }
 }
 
-template <typename T>
-__global__ void ghm_sigmoid_grad_kernel(const T* __restrict__ s, const T* __restrict__ t, int64_t n, int32_t bins,
-                                        const T* __restrict__ grad, const int64_t* __restrict__ counts,
-                                        T* __restrict__ out) {
-  const T scale = *grad / static_cast<T>(bins);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const T d = bernoulli_kl_grad(s[i], t[i]);
-    const int64_t R = counts[gradient_bin(abs_value(d), bins)];
-    out[i] = R > 0 ? d * scale / static_cast<T>(R) : T(0);
-  }
-}
-
-template <typename T>
-__global__ void ghm_softmax_grad_kernel(const T* __restrict__ s, const T* __restrict__ t, int64_t rows, int64_t C,
-                                        int32_t bins, const T* __restrict__ grad,
-                                        const int64_t* __restrict__ counts, T* __restrict__ out) {
-  const T scale = *grad / static_cast<T>(bins);
-  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < rows; r += int64_t(gridDim.x) * blockDim.x) {
-    const T* s_row = s + r * C;
-    const T* t_row = t + r * C;
-    T kl, g;
-    SoftmaxRow<T> rs, rt;
-    softmax_kl_row(s_row, t_row, C, kl, g, rs, rt);
-    const int64_t R = counts[gradient_bin(g, bins)];
-    const T w = R > 0 ? scale / static_cast<T>(R) : T(0);
-    for (int64_t c = 0; c < C; ++c) {
-      const T ps = exp_nonpositive(s_row[c] - rs.max) * rs.inv_z;
-      const T pt = exp_nonpositive(t_row[c] - rt.max) * rt.inv_z;
-      out[r * C + c] = w * (ps - pt);
-    }
-  }
-}
-
-// d *= grad / (M R_bin) in place, the bin of an element being that of |d| (sigmoid) or its row's (softmax);
-// the same expression as the recomputing kernels above.
+// d *= weights[bin] in place, the bin of an element being that of |d| (sigmoid) or its row's (softmax).
 template <typename T>
 __global__ void ghm_weight_kernel(T* __restrict__ d, int64_t n, int64_t C, bool sigmoid,
-                                  const int32_t* __restrict__ row_bins, int32_t bins, const T* __restrict__ grad,
-                                  const int64_t* __restrict__ counts) {
-  const T scale = *grad / static_cast<T>(bins);
+                                  const int32_t* __restrict__ row_bins, int32_t bins, const T* __restrict__ weights) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const T d_i = d[i];
     const int32_t bin = sigmoid ? gradient_bin(abs_value(d_i), bins) : row_bins[i / C];
-    const int64_t R = counts[bin];
-    d[i] = R > 0 ? d_i * scale / static_cast<T>(R) : T(0);
+    d[i] = d_i * weights[bin];
   }
 }
 
@@ -156,13 +124,13 @@ void ghm_kl_forward_into(const at::Tensor& student, const at::Tensor& teacher, b
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t rows = student.size(0), C = student.size(1);
   const int64_t items = sigmoid ? rows * C : rows;
-  const int64_t blocks = grid_for(items, sigmoid ? 8 : 1);
+  // At most kPartials partials (blocks x bins, 16 bytes each): many bins take fewer blocks.
+  const int64_t blocks = grid_for(items, sigmoid ? 8 : 1, std::clamp<int64_t>(kPartials / bins, 1, 4096));
   const auto M = static_cast<int32_t>(bins);
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
   at::Tensor partial_sums = at::empty({blocks, bins}, student.options().dtype(at::kDouble));
   at::Tensor partial_counts = at::empty({blocks, bins}, student.options().dtype(at::kLong));
-  at::Tensor bin_sums = at::empty({bins}, student.options().dtype(at::kDouble));
 
   AT_DISPATCH_FLOATING_TYPES(student.scalar_type(), "ghm_kl_cuda", [&] {
     const scalar_t* s = student.const_data_ptr<scalar_t>();
@@ -183,7 +151,7 @@ void ghm_kl_forward_into(const at::Tensor& student, const at::Tensor& teacher, b
     }
     ghm_finish_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
         partial_sums.const_data_ptr<double>(), partial_counts.const_data_ptr<int64_t>(), blocks, M,
-        bin_sums.mutable_data_ptr<double>(), counts.mutable_data_ptr<int64_t>(), loss.mutable_data_ptr<scalar_t>());
+        counts.mutable_data_ptr<int64_t>(), loss.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -209,45 +177,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghm_kl_forward_cuda(c
   return {loss, counts, dkl, row_bins};
 }
 
-void ghm_kl_weight_cuda(at::Tensor& dkl, const at::Tensor& sample_bins, const at::Tensor& grad,
-                        const at::Tensor& counts, c10::string_view mode, int64_t bins) {
-  const bool sigmoid =
-      check_ghm_weight_inputs(dkl, sample_bins, grad, counts, mode, bins, at::kCUDA, "ghm_kl_weight_");
+// dkl *= grad / (M R_bin) in place (ghm_kl_weight_'s checks done by the caller).
+void ghm_kl_weight_into(at::Tensor& dkl, const at::Tensor& sample_bins, const at::Tensor& grad,
+                        const at::Tensor& counts, bool sigmoid, int64_t bins) {
   if (dkl.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(dkl.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor weights = at::empty({bins}, dkl.options());
   AT_DISPATCH_FLOATING_TYPES(dkl.scalar_type(), "ghm_kl_weight_cuda", [&] {
+    ghm_bin_weights_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), counts.const_data_ptr<int64_t>(), static_cast<int32_t>(bins),
+        weights.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     ghm_weight_kernel<scalar_t><<<grid_for(dkl.numel(), 4, 65535), kThreads, 0, stream>>>(
         dkl.mutable_data_ptr<scalar_t>(), dkl.numel(), dkl.size(1), sigmoid,
         sigmoid ? nullptr : sample_bins.const_data_ptr<int32_t>(), static_cast<int32_t>(bins),
-        grad.const_data_ptr<scalar_t>(), counts.const_data_ptr<int64_t>());
+        weights.const_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
+void ghm_kl_weight_cuda(at::Tensor& dkl, const at::Tensor& sample_bins, const at::Tensor& grad,
+                        const at::Tensor& counts, c10::string_view mode, int64_t bins) {
+  const bool sigmoid =
+      check_ghm_weight_inputs(dkl, sample_bins, grad, counts, mode, bins, at::kCUDA, "ghm_kl_weight_");
+  ghm_kl_weight_into(dkl, sample_bins, grad, counts, sigmoid, bins);
+}
+
+// Recomputes what ghm_kl_forward keeps, with the forward's own kernels (hence the same p_s - p_t and bins,
+// bit for bit), then weights it in place. For a backward whose forward did not keep dkl.
 at::Tensor ghm_kl_backward_cuda(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
                                 const at::Tensor& counts, c10::string_view mode, int64_t bins) {
   const bool sigmoid = check_ghm_inputs(student, teacher, mode, bins, at::kCUDA, "ghm_kl_backward");
   check_ghm_backward_inputs(grad, counts, bins, student, "ghm_kl_backward");
-  const c10::cuda::CUDAGuard guard(student.device());
-  const int64_t rows = student.size(0), C = student.size(1);
   at::Tensor out = at::empty_like(student);
   if (out.numel() == 0) return out;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(student.scalar_type(), "ghm_kl_backward_cuda", [&] {
-    const scalar_t* s = student.const_data_ptr<scalar_t>();
-    const scalar_t* t = teacher.const_data_ptr<scalar_t>();
-    if (sigmoid) {
-      ghm_sigmoid_grad_kernel<scalar_t><<<grid_for(rows * C, 4, 65535), kThreads, 0, stream>>>(
-          s, t, rows * C, static_cast<int32_t>(bins), grad.const_data_ptr<scalar_t>(),
-          counts.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>());
-    } else {
-      ghm_softmax_grad_kernel<scalar_t><<<grid_for(rows, 1, 65535), kThreads, 0, stream>>>(
-          s, t, rows, C, static_cast<int32_t>(bins), grad.const_data_ptr<scalar_t>(),
-          counts.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  at::Tensor loss = at::empty({}, student.options());
+  at::Tensor recounted = at::empty({bins}, counts.options());
+  at::Tensor row_bins = at::empty({sigmoid ? 0 : student.size(0)}, student.options().dtype(at::kInt));
+  ghm_kl_forward_into(student, teacher, sigmoid, bins, loss, recounted, &out, &row_bins);
+  ghm_kl_weight_into(out, row_bins, grad, counts, sigmoid, bins);
   return out;
 }
 

@@ -1,5 +1,6 @@
 // jitter_apply and refine_stats on CUDA: Soft Teacher's box jittering and uncertainty (Sec. 3.3, Eq. 8-9).
-// One thread per jittered coordinate, and one thread per box (its `times` copies in a fixed order).
+// One thread per jittered coordinate, and one thread per box (its `times` copies in a fixed order). A label
+// outside [0, C) gives that box NaN (the CPU kernel raises; semi.ops.refine_stats checks on both devices).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -30,7 +31,13 @@ __global__ void refine_stats_kernel(const T* __restrict__ deltas, const T* __res
   const T weights[4] = {wx, wy, ww, wh};
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t label = labels[i];
-    CUDA_KERNEL_ASSERT(label >= 0 && label < C);
+    if (label < 0 || label >= C) {
+      // A kernel cannot raise: an assert would leave the device unusable for the rest of the process. The box
+      // gets NaN, read out of nothing; the Python entry point (semi.ops.refine_stats) checks the labels first.
+      for (int c = 0; c < 4; ++c) mean_out[i * 4 + c] = static_cast<T>(NAN);
+      uncertainty_out[i] = static_cast<T>(NAN);
+      continue;
+    }
     double mean[4] = {0, 0, 0, 0};
     T refined[4];
     for (int64_t t = 0; t < times; ++t) {
