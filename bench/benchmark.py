@@ -148,7 +148,8 @@ def _cell(row: dict, model: str) -> str:
     return f"{row[f'{model}_mean']:.1f} ± {std:.1f}" if not math.isnan(std) else f"{row[f'{model}_mean']:.1f}"
 
 
-def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine: str, dataset_seed: int) -> str:
+def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine: str, dataset_seed: int,
+             seeds: int) -> str:
     lines = [f"| row | detector | labels | seeds | student AP | teacher AP | gain over supervised | gap closed |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in summary.items():
@@ -174,6 +175,10 @@ def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine
         f"Machine: {machine}.",
         "",
     ]
+    short = [name for name, row in summary.items() if len(row["seeds"]) < seeds]
+    if short:
+        header += [f"Incomplete: {len(short)} of {len(summary)} rows have fewer than {seeds} seeds (a row without "
+                   f"seeds has not run). A figure of such a row, and a gain against it, is not a claim.", ""]
     return "\n".join(header + lines) + "\n"
 
 
@@ -199,6 +204,17 @@ def bar_chart(summary: dict[str, dict], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -248,10 +264,10 @@ def main(argv: list[str] | None = None) -> None:
         run_all({key: commands[key] for key in order}, dirs=flat_dirs, jobs=args.jobs, threads=threads)
 
     summary = summarise(runs, dirs, seeds, args.percent)
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.jobs} run(s) at a time "
-               f"with {threads} torch thread(s) each")
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, {args.jobs} run(s) at a time with {threads} torch "
+               f"thread(s) each")
     text = markdown(summary, percent=args.percent, max_iter=args.max_iter, machine=machine,
-                    dataset_seed=args.dataset_seed)
+                    dataset_seed=args.dataset_seed, seeds=args.seeds)
     doc.parent.mkdir(parents=True, exist_ok=True)
     if bar_chart(summary, doc.with_suffix(".png")):
         text += f"\n![results]({doc.with_suffix('.png').name})\n"

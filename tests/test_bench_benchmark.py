@@ -58,6 +58,7 @@ def test_table_reports_mean_std_gap_and_the_two_std_rule(tmp_path, monkeypatch):
     assert "sed_faster_rcnn" in rows and not rows["sed_faster_rcnn"]["seeds"]  # listed, not run
     text = doc.with_suffix(".md").read_text()
     assert "42.0 ± 2.0" in text and "+10.0 (counts)" in text and "56%" in text
+    assert "Incomplete: 1 of 4 rows have fewer than 3 seeds" in text  # the SED row has not run
 
 
 def test_a_gain_within_twice_the_pooled_std_does_not_count(tmp_path):
