@@ -12,7 +12,7 @@ batches it already consumed (`start_batch`) sees exactly the views it would have
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -28,6 +28,8 @@ class Batch:
     image_sizes: int64 (B, 2), (h, w) of each image's valid region. targets: B dicts {"boxes" float32 (N_i, 4)
     xyxy, "labels" int64 (N_i,), "crowd" float32 (M_i, 4)} in the batch frame. matrices: float64 (B, 3, 3),
     original image -> batch frame. image_ids: B COCO ids. orig_sizes: B (h, w) of the original files.
+    skipped_ids: ids of images drawn for the batch that could not be read and are not in it (evaluation sets,
+    `data.coco.unreadable_sample`); B may then be 0.
     """
 
     images: Tensor
@@ -36,6 +38,7 @@ class Batch:
     matrices: Tensor
     image_ids: list[int]
     orig_sizes: list[tuple[int, int]]
+    skipped_ids: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -51,7 +54,8 @@ class Batch:
     def _apply(self, fn) -> "Batch":
         return Batch(images=fn(self.images), image_sizes=fn(self.image_sizes),
                      targets=[{key: fn(value) for key, value in t.items()} for t in self.targets],
-                     matrices=fn(self.matrices), image_ids=list(self.image_ids), orig_sizes=list(self.orig_sizes))
+                     matrices=fn(self.matrices), image_ids=list(self.image_ids), orig_sizes=list(self.orig_sizes),
+                     skipped_ids=list(self.skipped_ids))
 
 
 @dataclass
@@ -76,10 +80,18 @@ def collate(samples: Sequence[dict], *, size_divisible: int = 32) -> Batch:
     """Stack sample dicts into a Batch, zero-padding images at the bottom / right.
 
     The padded size is the largest height and width in the batch, each rounded up to a multiple of
-    `size_divisible` (1: no rounding), so that every FPN level divides it.
+    `size_divisible` (1: no rounding), so that every FPN level divides it. Unreadable samples
+    (`data.coco.unreadable_sample`) are left out and their ids listed in `skipped_ids`.
     """
     if not samples:
         raise ValueError("collate: empty list of samples")
+    skipped_ids = [int(s["image_id"]) for s in samples if s.get("unreadable")]
+    samples = [s for s in samples if not s.get("unreadable")]
+    if not samples:  # every image of the batch unreadable: an empty batch that says which
+        return Batch(images=torch.zeros(0, 3, max(1, size_divisible), max(1, size_divisible)),
+                     image_sizes=torch.zeros(0, 2, dtype=torch.int64), targets=[],
+                     matrices=torch.zeros(0, 3, 3, dtype=torch.float64), image_ids=[], orig_sizes=[],
+                     skipped_ids=skipped_ids)
     heights = [s["image"].shape[-2] for s in samples]
     widths = [s["image"].shape[-1] for s in samples]
     stride = max(1, size_divisible)
@@ -95,6 +107,7 @@ def collate(samples: Sequence[dict], *, size_divisible: int = 32) -> Batch:
         matrices=torch.stack([torch.as_tensor(s["matrix"], dtype=torch.float64) for s in samples]),  # (B, 3, 3)
         image_ids=[int(s["image_id"]) for s in samples],
         orig_sizes=[tuple(int(v) for v in s["orig_size"]) for s in samples],
+        skipped_ids=skipped_ids,
     )
 
 
@@ -105,7 +118,7 @@ def collate_unlabeled(samples: Sequence[dict], *, size_divisible: int = 32) -> U
 
 
 def _collate_any(samples: Sequence[dict], *, size_divisible: int) -> Batch | UnlabeledBatch:
-    if "weak" in samples[0]:
+    if any("weak" in s for s in samples):
         return collate_unlabeled(samples, size_divisible=size_divisible)
     return collate(samples, size_divisible=size_divisible)
 
