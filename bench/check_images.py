@@ -2,7 +2,7 @@
 every file, in threads.
 
     python bench/check_images.py                          # 100k files, 1 / 4 / 16 threads, warm and cold cache
-    python bench/check_images.py --files 20000 --threads 1 8
+    python bench/check_images.py --files 20000 --threads 1 8 --cache warm
 
 It writes a COCO JSON and N small JPEG files to a temporary folder (JFIF, quantisation and Huffman tables,
 as a camera's or COCO's files have; the header a check reads is the same size whatever the picture's), then
@@ -66,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--cache", nargs="+", choices=("warm", "cold"), default=["warm", "cold"])
     parser.add_argument("--dir", default=None, help="where the files go (default: a temporary folder, deleted)")
     args = parser.parse_args()
 
@@ -81,7 +82,7 @@ def main() -> None:
 
         rows = []
         for threads in args.threads:
-            for cache in ("warm", "cold"):
+            for cache in args.cache:
                 if cache == "cold":
                     drop_cache(folder)
                 cpu = time.process_time()  # every thread of this process

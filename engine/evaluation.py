@@ -240,7 +240,7 @@ def evaluate(detector, loader, *, coco_gt: COCO, category_ids: list[int], class_
     with _eval_mode(detector.model):
         for batch in _progress(loader, enabled=progress):
             skipped_ids += batch.skipped_ids  # unreadable: left out, never replaced by another image
-            if len(batch) == 0:
+            if not batch.image_ids:
                 continue
             start = time.perf_counter()
             detections = detectors.predict(detector, batch.images.to(device), batch.image_sizes.to(device))
