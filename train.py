@@ -138,8 +138,9 @@ def check_images(datasets: dict[str, CocoDetection | None], *, skip_missing: boo
             continue
         found = dataset.check_images(skip_missing=skip_missing)
         if verbose:
+            unreadable = "unreadable, skipped" if dataset.substitute else "unreadable, left out"
             problems = [f"{n} {kind}" for n, kind in ((found.missing, "missing, left out"),
-                                                      (found.unreadable, "unreadable, skipped")) if n]
+                                                      (found.unreadable, unreadable)) if n]
             print(f"checked the {found.checked} {name} image files in {found.seconds:.1f} s"
                   + (f": {', '.join(problems)}" if problems else ""), flush=True)
         if len(dataset) == 0:
