@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 import detectors
-from data.coco import CocoDetection
+from data.coco import CategoryMismatchError, CocoDetection
 from data.loader import build_val_loader, collate
 from data.transforms import build_eval_transform
 from engine.checkpoint import load_checkpoint, load_model_state
-from engine.config import Config, dataset_files, detector_kwargs
+from engine.config import Config, check_dataset_files, dataset_files, detector_kwargs
 from engine.evaluation import evaluate, evaluate_multiscale, load_coco
 from engine.visualize import save_boxes
 from structures import warp_boxes
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-images", type=int, default=0, help="evaluate the first N val images only (0: all)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the checkpoint's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="leave out (and count) val images whose files are missing, instead of stopping")
     parser.add_argument("--verbose", action="store_true", help="show pycocotools' own output")
     parser.add_argument("--test-sizes", type=int, nargs="+", default=None, metavar="S",
                         help="multi-scale test at these short sides (e.g. 96 128 160), passes merged by NMS")
@@ -84,18 +86,24 @@ def main(argv: list[str] | None = None) -> dict:
     detector.model.to(device).eval()
 
     # The validation set, with the checkpoint's label map (labels must mean what they meant in training).
+    # Unreadable images are left out of the scoring (substitute=False), never replaced by another image.
     files = dataset_files(cfg)
+    check_dataset_files(cfg, files, names=("val_json", "val_images"))
     categories = [{"id": i, "name": n} for i, n in zip(meta["category_ids"], meta["class_names"])]
 
-    def val_set(short_side: int, max_size: int) -> CocoDetection:
-        return CocoDetection(files.val_json, files.val_images, categories=categories,
-                             transform=build_eval_transform(short_side, max_size))
+    try:
+        val = CocoDetection(files.val_json, files.val_images, categories=categories, substitute=False,
+                            transform=build_eval_transform(cfg.test_size, cfg.test_max_size))  # the drawings' view
+    except CategoryMismatchError as error:
+        raise ValueError(f"checkpoint {path} was trained on {meta['num_classes']} classes, which the val "
+                         f"annotations do not match: {error}") from None
+    found = val.check_images(skip_missing=args.skip_missing)  # every file's header, before the model runs
+    print(f"checked the {found.checked} val image files in {found.seconds:.1f} s", flush=True)
 
     def val_loader(dataset: CocoDetection):
         return build_val_loader(dataset, batch_size=args.batch_size or cfg.labeled_batch, num_workers=cfg.num_workers,
                                 size_divisible=cfg.size_divisible)
 
-    val = val_set(cfg.test_size, cfg.test_max_size)  # the single-scale test; the drawings' view
     common = dict(coco_gt=load_coco(files.val_json, verbose=args.verbose), category_ids=meta["category_ids"],
                   class_names=meta["class_names"], max_images=args.max_images or None, verbose=args.verbose,
                   progress=True, voc07=cfg.dataset == "voc")
@@ -105,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         short_sides = args.test_sizes or [cfg.test_size]
         max_sizes = [round(s * cfg.test_max_size / cfg.test_size) for s in short_sides]  # the config's proportion
         max_detections = getattr(detector.postprocessor, "detections_per_image", 100)
-        result = evaluate_multiscale(detector, [val_loader(val_set(s, m)) for s, m in zip(short_sides, max_sizes)],
+        scale_sets = [val.with_transform(build_eval_transform(s, m)) for s, m in zip(short_sides, max_sizes)]
+        result = evaluate_multiscale(detector, [val_loader(scale_set) for scale_set in scale_sets],
                                      hflip=args.hflip, iou_threshold=args.tta_nms, max_detections=max_detections,
                                      **common)
         scales = ", ".join(f"{s}/{m}" for s, m in zip(short_sides, max_sizes))
@@ -116,15 +125,15 @@ def main(argv: list[str] | None = None) -> dict:
         result = evaluate(detector, val_loader(val), **common)
         tag = ""
     print(result.table())
-    print(f"{result.num_images} images in {result.seconds:.1f} s ({result.num_images / max(result.seconds, 1e-9):.1f} "
-          f"images/s)")
+    print(f"{result.counts()}; {result.seconds:.1f} s ({result.num_images / max(result.seconds, 1e-9):.1f} images/s)")
     target = Path(os.path.realpath(path))  # last.pth -> the checkpoint it links to
     out = Path(args.out) if args.out else target.with_name(f"{target.stem}.{which}{tag}.results.json")
     print(f"detections: {result.write_results_json(out)}")
 
-    if args.vis > 0:
+    samples = [val[i] for i in range(min(args.vis, len(val)))]
+    samples = [sample for sample in samples if not sample.get("unreadable")]  # the readable ones are drawn
+    if samples:
         vis_dir = Path(args.vis_dir) if args.vis_dir else path.parent / "vis"
-        samples = [val[i] for i in range(min(args.vis, len(val)))]
         if multiscale:  # the merged detections, moved from the original image onto the drawn view
             detections = [results_in_view(result.results, sample, category_ids=meta["category_ids"])
                           for sample in samples]

@@ -12,7 +12,7 @@ of data/ or semi/, yet all of them share these types and functions.
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,6 +32,8 @@ class Batch:
     image_sizes: int64 (B, 2), (h, w) of each image's valid region. targets: B dicts {"boxes" float32 (N_i, 4)
     xyxy, "labels" int64 (N_i,), "crowd" float32 (M_i, 4)} in the batch frame. matrices: float64 (B, 3, 3),
     original image -> batch frame. image_ids: B COCO ids. orig_sizes: B (h, w) of the original files.
+    skipped_ids: ids of images drawn for the batch that could not be read and are not in it (evaluation sets,
+    `data.coco.unreadable_sample`); B may then be 0.
     """
 
     images: Tensor
@@ -40,6 +42,7 @@ class Batch:
     matrices: Tensor
     image_ids: list[int]
     orig_sizes: list[tuple[int, int]]
+    skipped_ids: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -55,7 +58,8 @@ class Batch:
     def _apply(self, fn) -> "Batch":
         return Batch(images=fn(self.images), image_sizes=fn(self.image_sizes),
                      targets=[{key: fn(value) for key, value in t.items()} for t in self.targets],
-                     matrices=fn(self.matrices), image_ids=list(self.image_ids), orig_sizes=list(self.orig_sizes))
+                     matrices=fn(self.matrices), image_ids=list(self.image_ids), orig_sizes=list(self.orig_sizes),
+                     skipped_ids=list(self.skipped_ids))
 
 
 @dataclass

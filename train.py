@@ -44,12 +44,14 @@ from detectors.precision import mixed_precision
 from engine import distributed
 from engine.checkpoint import (capture_rng_state, checkpoint_name, last_checkpoint, restore_run_rng, resume_run,
                                save_checkpoint, seed_everything)
-from engine.config import Config, DatasetFiles, build_method, dataset_files, detector_kwargs, parse_config
+from engine.config import (Config, DatasetFiles, build_method, check_dataset_files, dataset_files, detector_kwargs,
+                           parse_config)
 from engine.evaluation import evaluate, load_coco
 from engine.logger import MetricsLog, format_losses, progress_bar
 from engine.pretrain import PretrainSpec, ensure_pretrained_backbone
 from engine.pseudo_labels import draw_pseudo_labels, pseudo_label_quality
 from engine.results import baseline_for, format_reference
+from engine.run_dir import claim_run_dir
 from semi.core import Method, frozen_norm_statistics, prefix, weighted_total
 from semi.ema import EMATeacher
 from structures import Batch, UnlabeledBatch
@@ -86,6 +88,7 @@ def training_sets(cfg: Config, method, *, out_dir: Path) -> TrainingSets:
     """
     with distributed.main_first():  # rank 0 generates the built-in dataset and writes the split; the others read
         files = dataset_files(cfg)
+        check_dataset_files(cfg, files)  # a path that is not there: an error naming its flag
         split_dir = cfg.split_dir or (files.root / "splits" if cfg.dataset == "builtin" else out_dir / "splits")
         if cfg.split_file:
             split = split_from_file(files.train_json, split_file=cfg.split_file, out_dir=split_dir,
@@ -97,7 +100,9 @@ def training_sets(cfg: Config, method, *, out_dir: Path) -> TrainingSets:
     two_view_labeled = method is not None and "strong" in method.labeled_views
     labeled_transform = (build_unlabeled_transform(**sizes, aligned=True) if two_view_labeled
                          else build_labeled_transform(**sizes))
-    labeled = CocoDetection(split.labeled_json, files.train_images, transform=labeled_transform, seed=cfg.seed)
+    # The split files are made from the user's train JSON: messages name that file (source).
+    labeled = CocoDetection(split.labeled_json, files.train_images, transform=labeled_transform, seed=cfg.seed,
+                            source=files.train_json)
     categories = [{"id": i, "name": n} for i, n in zip(labeled.label_to_category_id, labeled.class_names)]
     if method is None:
         return TrainingSets(files, labeled, None, categories)
@@ -108,12 +113,33 @@ def training_sets(cfg: Config, method, *, out_dir: Path) -> TrainingSets:
         # and the extra ones together.
         with distributed.main_first():
             unlabeled_json = with_extra_unlabeled(split.unlabeled_json, files.unlabeled_json, out_dir=split_dir)
-    unlabeled = load_unlabeled(unlabeled_json, unlabeled_images, categories=categories, seed=cfg.seed,
+    # Messages name the user's file: the training JSON that the split's unlabeled part was made from.
+    source = files.train_json if unlabeled_json == split.unlabeled_json else None
+    unlabeled = load_unlabeled(unlabeled_json, unlabeled_images, categories=categories, seed=cfg.seed, source=source,
                                transform=build_unlabeled_transform(**sizes, aligned=method.unlabeled_aligned))
     if len(unlabeled) == 0:
         raise ValueError(f"{unlabeled_json}: no unlabeled images (percent {cfg.percent:g}); method "
                          f"{cfg.method!r} needs some: lower --percent or give --unlabeled-json")
     return TrainingSets(files, labeled, unlabeled, categories)
+
+
+def check_images(datasets: dict[str, CocoDetection | None], *, skip_missing: bool, verbose: bool) -> None:
+    """Every image file's header, before the first iteration (CocoDetection.check_images): a missing file
+    stops the run now rather than when it is first drawn, hours in, unless --skip-missing leaves it out.
+    Unreadable files are counted and skipped. datasets: {"labeled": ..., "unlabeled": ..., "val": ...}."""
+    for name, dataset in datasets.items():
+        if dataset is None:
+            continue
+        found = dataset.check_images(skip_missing=skip_missing)
+        if verbose:
+            unreadable = "unreadable, skipped" if dataset.substitute else "unreadable, left out"
+            problems = [f"{n} {kind}" for n, kind in ((found.missing, "missing, left out"),
+                                                      (found.unreadable, unreadable)) if n]
+            print(f"checked the {found.checked} {name} image files in {found.seconds:.1f} s"
+                  + (f": {', '.join(problems)}" if problems else ""), flush=True)
+        if len(dataset) == 0:
+            raise ValueError(f"{dataset.source}: none of the {name} images is left once the missing files are "
+                             f"left out")
 
 
 def labeled_views(batch: Batch | UnlabeledBatch) -> tuple[Batch, Batch | None]:
@@ -125,10 +151,13 @@ def labeled_views(batch: Batch | UnlabeledBatch) -> tuple[Batch, Batch | None]:
 
 
 def check_finite(total: torch.Tensor, losses: dict[str, torch.Tensor], iteration: int) -> None:
-    """Stop the run on a non-finite loss, naming the iteration and every term, so that the culprit shows."""
+    """Stop the run on a non-finite loss, naming the iteration and every term, so that the culprit shows.
+
+    iteration: the loop's index, from 0; the message counts from 1, as the log's "it N" lines do."""
     if not torch.isfinite(total):
         terms = ", ".join(f"{key}={value.item():.4g}" for key, value in losses.items())
-        raise FloatingPointError(f"non-finite total loss {total.item()} at iteration {iteration}; terms: {terms}")
+        raise FloatingPointError(f"non-finite total loss {total.item()} in iteration {iteration + 1} (counted from 1, "
+                                 f"as the log's 'it N'); terms: {terms}")
 
 
 class IterationLosses(NamedTuple):
@@ -214,10 +243,21 @@ def train(cfg: Config) -> dict:
     """Run the training `cfg` describes. Returns the final evaluation {"student": metrics, "teacher": metrics}
     (no "teacher" for supervised runs), metrics as in engine.evaluation.METRIC_NAMES.
 
-    Under torchrun every rank runs this function (engine/distributed.py); each returns the same metrics."""
+    The output folder belongs to this run while it trains (engine/run_dir.py): rank 0 locks it, and a folder
+    holding an earlier run needs --resume or --overwrite. Under torchrun every rank runs this function
+    (engine/distributed.py); each returns the same metrics."""
+    distributed.init(cfg.device)  # joins torchrun's process group, if launched by it
+    if not distributed.is_main():
+        return run_training(cfg)
+    with claim_run_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite):
+        return run_training(cfg)
+
+
+def run_training(cfg: Config) -> dict:
+    """The body of `train`, in a run folder already claimed."""
     # ---- setup -----------------------------------------------------------------------------------------------
     started = time.perf_counter()  # evaluations log the seconds since (their "elapsed"): time to accuracy
-    device = distributed.init(cfg.device)  # joins torchrun's process group, if launched by it
+    device = distributed.init(cfg.device)  # this rank's device (`train` has joined the process group)
     main, world = distributed.is_main(), distributed.world_size()
     batch = cfg.per_process_batch(world)  # images per rank and iteration: the global batches / world
     out_dir = Path(cfg.output_dir)
@@ -241,8 +281,10 @@ def train(cfg: Config) -> dict:
 
     # ---- data ------------------------------------------------------------------------------------------------
     files, labeled, unlabeled, categories = training_sets(cfg, method, out_dir=out_dir)
-    val = CocoDetection(files.val_json, files.val_images, categories=categories,
+    val = CocoDetection(files.val_json, files.val_images, categories=categories, substitute=False,
                         transform=build_eval_transform(cfg.test_size, cfg.test_max_size))
+    check_images({"labeled": labeled, "unlabeled": unlabeled, "val": val}, skip_missing=cfg.skip_missing,
+                 verbose=main)
     val_loader = build_val_loader(val, batch_size=batch.labeled, num_workers=cfg.num_workers, rank=distributed.rank(),
                                   world_size=world, size_divisible=cfg.size_divisible)  # this rank's share
     coco_gt = load_coco(files.val_json)
@@ -289,6 +331,7 @@ def train(cfg: Config) -> dict:
             log.drop_after(resumed.iteration)  # lines a crashed run wrote after its last checkpoint
             print(f"resumed from {resume_from} at iteration {resumed.iteration}", flush=True)
     elif cfg.resume and main:
+        log.drop_after(0)  # an earlier run's records, when it stopped before its first checkpoint
         print(f"--resume: no checkpoint in {out_dir}, starting from scratch", flush=True)
     start_iter = resumed.iteration if resumed is not None else 0
 
@@ -312,7 +355,7 @@ def train(cfg: Config) -> dict:
                               class_names=labeled.class_names, max_images=max_images,
                               voc07=cfg.dataset == "voc")  # Pascal VOC: VOC07 AP50 too
             if main:
-                print(f"\n[{name} @ {iteration}] {result.num_images} images\n{result.table()}", flush=True)
+                print(f"\n[{name} @ {iteration}] {result.counts()}\n{result.table()}", flush=True)
                 log.write({"iteration": iteration, "eval": name, "elapsed": round(time.perf_counter() - started, 1),
                            **result.metrics,
                            **{f"AP/{k}": v for k, v in result.per_class.items()}})

@@ -24,10 +24,18 @@ def collate(samples: Sequence[dict], *, size_divisible: int = 32) -> Batch:
     """Stack sample dicts into a Batch, zero-padding images at the bottom / right.
 
     The padded size is the largest height and width in the batch, each rounded up to a multiple of
-    `size_divisible` (1: no rounding), so that every FPN level divides it.
+    `size_divisible` (1: no rounding), so that every FPN level divides it. Unreadable samples
+    (`data.coco.unreadable_sample`) are left out and their ids listed in `skipped_ids`.
     """
     if not samples:
         raise ValueError("collate: empty list of samples")
+    skipped_ids = [int(s["image_id"]) for s in samples if s.get("unreadable")]
+    samples = [s for s in samples if not s.get("unreadable")]
+    if not samples:  # every image of the batch unreadable: an empty batch that says which
+        return Batch(images=torch.zeros(0, 3, max(1, size_divisible), max(1, size_divisible)),
+                     image_sizes=torch.zeros(0, 2, dtype=torch.int64), targets=[],
+                     matrices=torch.zeros(0, 3, 3, dtype=torch.float64), image_ids=[], orig_sizes=[],
+                     skipped_ids=skipped_ids)
     heights = [s["image"].shape[-2] for s in samples]
     widths = [s["image"].shape[-1] for s in samples]
     stride = max(1, size_divisible)
@@ -43,6 +51,7 @@ def collate(samples: Sequence[dict], *, size_divisible: int = 32) -> Batch:
         matrices=torch.stack([torch.as_tensor(s["matrix"], dtype=torch.float64) for s in samples]),  # (B, 3, 3)
         image_ids=[int(s["image_id"]) for s in samples],
         orig_sizes=[tuple(int(v) for v in s["orig_size"]) for s in samples],
+        skipped_ids=skipped_ids,
     )
 
 
@@ -53,7 +62,7 @@ def collate_unlabeled(samples: Sequence[dict], *, size_divisible: int = 32) -> U
 
 
 def _collate_any(samples: Sequence[dict], *, size_divisible: int) -> Batch | UnlabeledBatch:
-    if "weak" in samples[0]:
+    if any("weak" in s for s in samples):
         return collate_unlabeled(samples, size_divisible=size_divisible)
     return collate(samples, size_divisible=size_divisible)
 

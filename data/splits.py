@@ -54,6 +54,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from data.coco import check_coco
+
 SPLIT_RULE_VERSION = 1
 
 
@@ -268,6 +270,8 @@ def _output_paths(train_json: Path, out_dir: str | Path, tag: str) -> SplitPaths
 
 def _sha1(path: Path) -> str:
     digest = hashlib.sha1()
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist")
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
@@ -281,8 +285,11 @@ def _read_coco(path: Path) -> dict:
         raise FileNotFoundError(f"annotation file {path} does not exist") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from error
-    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
-        raise ValueError(f"{path}: not a COCO detection file: no 'images' list")
+    if not isinstance(coco, dict):
+        raise ValueError(f"{path}: not a COCO detection file: expected a JSON object, got a {type(coco).__name__}")
+    # Checked here, on the user's file: an annotation of an unknown image would otherwise fall silently into
+    # the unlabeled part, and a bad field be reported against the generated split file.
+    check_coco(coco, path, require_annotations=False)
     return coco
 
 

@@ -242,7 +242,7 @@ class Resumed(NamedTuple):
     iteration: int  # the next iteration to run
     rng: dict  # capture_rng_state() of the process that saved it (rank 0)
     rng_per_rank: list[dict]  # every rank's generators in a distributed run; [] in a single process
-    changed: list[str]  # the settings of cfg that differ from the checkpoint's ("resume" aside)
+    changed: list[str]  # the settings of cfg that differ from the checkpoint's ("resume" and "overwrite" aside)
 
 
 def resume_run(path: str | Path, *, cfg, model: nn.Module, ema, optimizer, scheduler, scaler,
@@ -267,7 +267,8 @@ def resume_run(path: str | Path, *, cfg, model: nn.Module, ema, optimizer, sched
     scheduler.load_state_dict(state["scheduler"])
     if scaler.is_enabled() and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    changed = sorted(k for k, v in state["config"].items() if k != "resume" and getattr(cfg, k, v) != v)
+    changed = sorted(k for k, v in state["config"].items()
+                     if k not in ("resume", "overwrite") and getattr(cfg, k, v) != v)
     return Resumed(path=path, iteration=state["iteration"], rng=state["rng"],
                    rng_per_rank=state["extra"].get("rng_per_rank") or [], changed=changed)
 

@@ -66,7 +66,7 @@ class Config:
     unlabeled_json: str = ""  # extra unlabeled images; empty: the split's rest (COCO at 100%: unlabeled2017)
     unlabeled_images: str = ""
     percent: float = 10.0  # share of the training images that keep their labels; 100 = fully supervised
-    fold: int = 1  # which random split of that share (1..5, seeded per fold)
+    fold: int = 1  # which random split of that share (1..5, seeded per fold; with a peers' --split-file, its key)
     split_file: str = ""  # explicit split: ids list, COCO_supervision.txt, or Soft Teacher's {fold}@{percent}.json
     split_dir: str = ""  # where the split's JSON files go; empty: <dataset root>/splits (built-in), <output_dir>/splits
     train_sizes: list[int] = field(default_factory=lambda: [800])  # short side, one drawn per image
@@ -135,6 +135,8 @@ class Config:
     tensorboard: bool = False  # also write TensorBoard event files next to metrics.jsonl (pip install tensorboard)
     output_dir: str = ""  # empty: runs/[<dataset>_]<method>_<detector>_<percent>pct[_fold<fold>] (builtin, fold 1 bare)
     resume: bool = False  # continue from output_dir's last checkpoint
+    overwrite: bool = False  # start afresh in an output_dir that holds an earlier run, deleting that run's files
+    skip_missing: bool = False  # leave out (and count) images whose files are missing, instead of stopping
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -164,36 +166,50 @@ class Config:
                             unlabeled=batches.get("unlabeled_batch", 0) // world_size)
 
     def validate(self) -> "Config":
-        """Raise a ValueError naming the field for settings that cannot work; return self."""
-        def check(ok: bool, message: str):
+        """Raise a ValueError naming the flag (`--max-iter` for the field max_iter) of a setting that cannot
+        work, and what it expects; return self."""
+        def check(ok: bool, name: str, expected: str):
             if not ok:
-                raise ValueError(f"config: {message}")
+                raise ValueError(f"config: {flag(name)} {expected}, got {getattr(self, name)!r}")
 
-        check(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        check(self.detector in DETECTORS, f"detector must be one of {DETECTORS}, got {self.detector!r}")
-        check(self.dataset != "coco" or self.data_root or (self.train_json and self.val_json),
-              "dataset 'coco' needs --data-root (or --train-json/--train-images/--val-json/--val-images)")
-        check(self.dataset != "custom" or all([self.train_json, self.train_images, self.val_json, self.val_images]),
-              "dataset 'custom' needs --train-json, --train-images, --val-json and --val-images")
-        check(self.dataset != "voc" or bool(self.data_root), "dataset 'voc' needs --data-root (the VOCdevkit folder)")
-        check(not self.unlabeled_coco_root or self.dataset == "voc",
-              "--unlabeled-coco-root (COCO-20cls) belongs to --dataset voc")
-        check(0 < self.percent <= 100, f"percent must be in (0, 100], got {self.percent}")
-        check(self.labeled_batch >= 1, f"labeled_batch must be >= 1, got {self.labeled_batch}")
-        check(self.method == "supervised" or self.unlabeled_batch >= 1,
-              f"method {self.method!r} needs unlabeled_batch >= 1, got {self.unlabeled_batch}")
-        check(self.norm_stats in ("labeled", "all"), f"norm_stats must be 'labeled' or 'all', got {self.norm_stats!r}")
-        check(self.schedule in ("step", "cosine"), f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
-        check(all(0 < f <= 1 for f in self.milestones), f"milestones are fractions of max_iter in (0, 1], "
-                                                         f"got {self.milestones}")
-        check(self.max_iter >= 1, f"max_iter must be >= 1, got {self.max_iter}")
-        check(self.warmup_iters >= 0 and 0 < self.warmup_factor <= 1, "warmup_iters >= 0 and warmup_factor in (0, 1]")
-        check(bool(self.train_sizes) and all(s > 0 for s in self.train_sizes), "train_sizes must be positive")
-        check(self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}")
-        check(self.amp in ("", "bf16", "fp16"), f"amp must be '' (off), 'bf16' or 'fp16', got {self.amp!r}")
-        check(self.backbone_pretrain in ("", "glyphs"),
-              f"backbone_pretrain must be '' (none) or 'glyphs', got {self.backbone_pretrain!r}")
+        check(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}")
+        check(self.method in METHODS, "method", f"must be one of {METHODS}")
+        check(self.detector in DETECTORS, "detector", f"must be one of {DETECTORS}")
+        if self.dataset == "coco" and not (self.data_root or (self.train_json and self.val_json)):
+            raise ValueError("config: dataset 'coco' needs --data-root (or --train-json/--train-images/--val-json/"
+                             "--val-images)")
+        if self.dataset == "custom" and not all([self.train_json, self.train_images, self.val_json, self.val_images]):
+            raise ValueError("config: dataset 'custom' needs --train-json, --train-images, --val-json and "
+                             "--val-images")
+        if self.dataset == "voc" and not self.data_root:
+            raise ValueError("config: dataset 'voc' needs --data-root (the VOCdevkit folder)")
+        check(not self.unlabeled_coco_root or self.dataset == "voc", "unlabeled_coco_root",
+              "(COCO-20cls) belongs to --dataset voc")
+        check(0 < self.percent <= 100, "percent", "must be in (0, 100]")
+        # Without a split file the fold seeds the draw; the peers' split files number their folds from 0.
+        check(1 <= self.fold <= 5 if not self.split_file else self.fold >= 0, "fold",
+              "must be 1..5" if not self.split_file else "must be >= 0 (a fold of the split file)")
+        check(self.labeled_batch >= 1, "labeled_batch", "must be >= 1")
+        check(self.method == "supervised" or self.unlabeled_batch >= 1, "unlabeled_batch",
+              f"must be >= 1 for method {self.method!r}")
+        check(self.norm_stats in ("labeled", "all"), "norm_stats", "must be 'labeled' or 'all'")
+        check(self.schedule in ("step", "cosine"), "schedule", "must be 'step' or 'cosine'")
+        check(all(0 < f <= 1 for f in self.milestones), "milestones", "must be fractions of --max-iter in (0, 1]")
+        check(self.max_iter >= 1, "max_iter", "must be >= 1")
+        check(self.warmup_iters >= 0, "warmup_iters", "must be >= 0")
+        check(0 < self.warmup_factor <= 1, "warmup_factor", "must be in (0, 1]")
+        check(bool(self.train_sizes) and all(s > 0 for s in self.train_sizes), "train_sizes", "must be positive")
+        for name in ("test_size", "test_max_size", "train_max_size"):
+            check(getattr(self, name) > 0, name, "must be positive")
+        for name in ("eval_period", "checkpoint_period", "log_period"):
+            check(getattr(self, name) >= 1, name, "must be >= 1 (iterations between two)")
+        for name in ("draw_period", "eval_max_images", "keep_checkpoints", "num_workers", "threads"):
+            check(getattr(self, name) >= 0, name, "must be >= 0")
+        check(self.device.split(":")[0] in ("cpu", "cuda"), "device", "must be cpu or cuda")
+        check(self.amp in ("", "bf16", "fp16"), "amp", "must be '' (off), 'bf16' or 'fp16'")
+        check(self.backbone_pretrain in ("", "glyphs"), "backbone_pretrain", "must be '' (none) or 'glyphs'")
+        check(not (self.resume and self.overwrite), "overwrite",
+              "deletes the run that --resume would continue: give one of them")
         return self
 
     def to_dict(self) -> dict:
@@ -366,6 +382,10 @@ def voc_preset(method: str, detector: str) -> Config:
 # --------------------------------------------------------------------------------------------------------
 
 
+# The DatasetFiles entries that settings can give explicitly (a flag each).
+DATASET_PATHS = ("train_json", "train_images", "val_json", "val_images", "unlabeled_json", "unlabeled_images")
+
+
 class DatasetFiles(NamedTuple):
     root: Path  # the dataset's folder (split files of the built-in dataset go under it)
     train_json: Path
@@ -400,8 +420,7 @@ def dataset_files(cfg: Config) -> DatasetFiles:
     else:
         files = DatasetFiles(Path(cfg.train_json).parent, Path(cfg.train_json), Path(cfg.train_images),
                              Path(cfg.val_json), Path(cfg.val_images))
-    names = ("train_json", "train_images", "val_json", "val_images", "unlabeled_json", "unlabeled_images")
-    explicit = {name: Path(getattr(cfg, name)) for name in names if getattr(cfg, name)}
+    explicit = {name: Path(getattr(cfg, name)) for name in DATASET_PATHS if getattr(cfg, name)}
     return files._replace(**explicit)
 
 
@@ -421,6 +440,23 @@ def voc_files(cfg: Config) -> DatasetFiles:
         extra = coco20_json(coco.train_json, coco.train_images, unlabeled.parent)
         unlabeled = with_extra_unlabeled(unlabeled, extra, out_dir=unlabeled.parent)
     return files._replace(unlabeled_json=unlabeled, unlabeled_images=devkit)
+def check_dataset_files(cfg: Config, files: DatasetFiles, names: tuple[str, ...] = DATASET_PATHS) -> None:
+    """Raise FileNotFoundError naming the flag that gave a dataset file or folder (or --data-root's layout)
+    when it is not there; `names` picks which of DATASET_PATHS to look at (evaluation needs the val ones)."""
+    for name in names:
+        path = getattr(files, name)
+        if path is None:
+            continue
+        kind = "file" if name.endswith("_json") else "folder"
+        if path.is_file() if kind == "file" else path.is_dir():
+            continue
+        if getattr(cfg, name):
+            given = f"{flag(name)} {path}"
+        elif cfg.dataset == "builtin":
+            given = f"the built-in dataset's {path}"
+        else:
+            given = f"{path} (the COCO 2017 layout under --data-root {cfg.data_root}; {flag(name)} overrides it)"
+        raise FileNotFoundError(f"{given}: no such {kind}")
 
 
 def detector_kwargs(cfg: Config) -> dict:
@@ -512,6 +548,11 @@ def parse_key_value(text: str) -> tuple[str, object]:
     return key.strip(), _parse_value(value)
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a Config field: max_iter -> --max-iter."""
+    return f"--{name.replace('_', '-')}"
+
+
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with one `--flag` per Config field; unset flags stay out of the namespace.
 
@@ -522,7 +563,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     hints = typing.get_type_hints(Config)
     comments = _field_comments()
     for f in dataclasses.fields(Config):
-        flags = [f"--{f.name.replace('_', '-')}"]
+        flags = [flag(f.name)]
         kind = hints[f.name]
         help_text = comments.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if kind is bool:

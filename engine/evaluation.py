@@ -51,7 +51,8 @@ class Evaluation:
                without small objects)
     per_class: class name -> AP in [0, 1] (IoU 0.50:0.95, all areas, 100 detections); nan without ground truth
     results:   the COCO results list, boxes in original image pixels
-    num_images, seconds: how many images were evaluated and how long prediction took (for throughput)
+    num_images, seconds: how many images were scored and how long prediction took (for throughput)
+    skipped_ids: images of the loader that could not be read: left out of the scoring, not in num_images
     """
 
     metrics: dict[str, float]
@@ -60,6 +61,16 @@ class Evaluation:
     num_images: int = 0
     seconds: float = 0.0
     per_class_voc07: dict[str, float] = field(default_factory=dict)  # class name -> VOC07 AP50 (voc07=True)
+    skipped_ids: list[int] = field(default_factory=list)
+
+    def counts(self) -> str:
+        """'N images scored', and which unreadable images were left out, if any."""
+        text = f"{self.num_images} images scored"
+        if self.skipped_ids:
+            shown = self.skipped_ids[:10] + (["..."] if len(self.skipped_ids) > 10 else [])
+            text += (f"; {len(self.skipped_ids)} unreadable images left out of the scoring (image ids "
+                     f"{', '.join(map(str, shown))})")
+        return text
 
     def table(self) -> str:
         """The metrics and the per-class AP as a fixed-width text table, values in percent."""
@@ -369,9 +380,12 @@ def evaluate(detector, loader, *, coco_gt: COCO, category_ids: list[int], class_
     other rank's own share there.
     """
     device = next(detector.model.parameters()).device
-    results, image_ids, seconds = [], [], 0.0
+    results, image_ids, skipped_ids, seconds = [], [], [], 0.0
     with _eval_mode(detector.model):
         for batch in _progress(loader, enabled=progress):
+            skipped_ids += batch.skipped_ids  # unreadable: left out, never replaced by another image
+            if not batch.image_ids:
+                continue
             start = time.perf_counter()
             detections = detectors.predict(detector, batch.images.to(device), batch.image_sizes.to(device))
             seconds += time.perf_counter() - start
@@ -380,8 +394,8 @@ def evaluate(detector, loader, *, coco_gt: COCO, category_ids: list[int], class_
             image_ids += list(batch.image_ids)
             if max_images is not None and len(image_ids) * distributed.world_size() >= max_images:
                 break
-    return _score(results, image_ids, seconds, coco_gt=coco_gt, category_ids=category_ids, class_names=class_names,
-                  verbose=verbose, voc07=voc07)
+    return _score(results, image_ids, skipped_ids, seconds, coco_gt=coco_gt, category_ids=category_ids,
+                  class_names=class_names, verbose=verbose, voc07=voc07)
 
 
 @torch.no_grad()
@@ -399,12 +413,15 @@ def evaluate_multiscale(detector, loaders: list, *, hflip: bool = False, iou_thr
     every pass, the flips and the merging.
     """
     device = next(detector.model.parameters()).device
-    results, image_ids, seconds = [], [], 0.0
+    results, image_ids, skipped_ids, seconds = [], [], [], 0.0
     with _eval_mode(detector.model):
         for batches in _progress(zip(*loaders), total=len(loaders[0]), enabled=progress):
             ids = list(batches[0].image_ids)
             if any(list(batch.image_ids) != ids for batch in batches):
                 raise ValueError("evaluate_multiscale: the loaders do not yield the same images in the same order")
+            skipped_ids += batches[0].skipped_ids
+            if not ids:
+                continue
             start = time.perf_counter()
             passes = [[] for _ in ids]  # per image: its detections of every pass, in original pixels
             for batch in batches:
@@ -427,30 +444,32 @@ def evaluate_multiscale(detector, loaders: list, *, hflip: bool = False, iou_thr
             image_ids += ids
             if max_images is not None and len(image_ids) * distributed.world_size() >= max_images:
                 break
-    return _score(results, image_ids, seconds, coco_gt=coco_gt, category_ids=category_ids, class_names=class_names,
-                  verbose=verbose, voc07=voc07)
+    return _score(results, image_ids, skipped_ids, seconds, coco_gt=coco_gt, category_ids=category_ids,
+                  class_names=class_names, verbose=verbose, voc07=voc07)
 
 
-def _score(results: list[dict], image_ids: list[int], seconds: float, *, coco_gt: COCO, category_ids: list[int],
-           class_names: list[str], verbose: bool, voc07: bool = False) -> Evaluation:
-    """Gather this rank's COCO results on rank 0, score them there (COCO, and VOC07 AP50 if voc07), and give
-    every rank the scores."""
+def _score(results: list[dict], image_ids: list[int], skipped_ids: list[int], seconds: float, *, coco_gt: COCO,
+           category_ids: list[int], class_names: list[str], verbose: bool, voc07: bool = False) -> Evaluation:
+    """Gather this rank's COCO results on rank 0, score them there over the images scored (skipped ones left
+    out; COCO, and VOC07 AP50 if voc07), and give every rank the scores."""
     names = {category_id: name for category_id, name in zip(category_ids, class_names)}
-    gathered = distributed.gather((results, image_ids, seconds))  # [(results, ids, seconds) per rank] on rank 0
+    # [(results, ids, skipped ids, seconds) per rank] on rank 0
+    gathered = distributed.gather((results, image_ids, skipped_ids, seconds))
     summary = None
     if gathered is not None:  # rank 0, or the only process
-        results = [r for rank_results, _, _ in gathered for r in rank_results]
-        image_ids = [i for _, rank_ids, _ in gathered for i in rank_ids]
+        results = [r for rank_results, _, _, _ in gathered for r in rank_results]
+        image_ids = [i for _, rank_ids, _, _ in gathered for i in rank_ids]
+        skipped_ids = sorted(i for _, _, rank_skipped, _ in gathered for i in rank_skipped)
         metrics, per_class = coco_metrics(coco_gt, results, image_ids=image_ids, class_names=names, verbose=verbose)
         per_class_voc07 = {}
         if voc07:
             metrics["AP50_VOC07"], per_class_voc07 = voc07_metrics(coco_gt, results, image_ids=image_ids,
                                                                    class_names=names)
-        summary = (metrics, per_class, per_class_voc07, len(image_ids),
-                   max(rank_seconds for _, _, rank_seconds in gathered))
-    metrics, per_class, per_class_voc07, num_images, seconds = distributed.broadcast(summary)
+        summary = (metrics, per_class, per_class_voc07, len(image_ids), skipped_ids,
+                   max(rank[-1] for rank in gathered))
+    metrics, per_class, per_class_voc07, num_images, skipped_ids, seconds = distributed.broadcast(summary)
     return Evaluation(metrics=metrics, per_class=per_class, results=results, num_images=num_images, seconds=seconds,
-                      per_class_voc07=per_class_voc07)
+                      skipped_ids=skipped_ids, per_class_voc07=per_class_voc07)
 
 
 @contextlib.contextmanager

@@ -53,7 +53,8 @@ class MetricsLog:
         self.file = open(self.path, "a")
 
     def drop_after(self, iteration: int) -> None:
-        """Keep only the records with "iteration" <= iteration (and records without an iteration)."""
+        """Keep only the records with "iteration" <= iteration (and records without an iteration), here and in
+        the folder's TensorBoard event files (`truncate_event_files`), whether or not this run writes any."""
         self.file.close()
         kept = []
         for line in self.path.read_text().splitlines():
@@ -65,6 +66,7 @@ class MetricsLog:
                 kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
+        truncate_event_files(self.path.parent, iteration)
         if self.tensorboard is not None:
             self.tensorboard.purge_after(iteration)
 
@@ -159,6 +161,73 @@ class TensorBoardLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def truncate_event_files(log_dir: str | Path, iteration: int) -> int:
+    """Drop the events of steps after `iteration` from every TensorBoard event file in log_dir (a record cut
+    short by a crash goes too); returns how many events were dropped. Each file is rewritten atomically.
+
+    An event file is a sequence of TFRecords: uint64 length, uint32 masked CRC of it, `length` bytes of an
+    `Event` protobuf, uint32 masked CRC of them (all little-endian). Records are copied byte for byte, so
+    their CRCs stay valid; only the Event's step (field 2, a varint) is read.
+    """
+    dropped = 0
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        kept, position, count = [], 0, 0
+        while position + 12 <= len(data):
+            length = int.from_bytes(data[position:position + 8], "little")
+            end = position + 12 + length + 4
+            if end > len(data):
+                break
+            if _event_step(data[position + 12:end - 4]) <= iteration:
+                kept.append(data[position:end])
+            else:
+                count += 1
+            position = end
+        count += position < len(data)  # a partial record at the end
+        if count:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(b"".join(kept))
+            tmp.replace(path)
+            dropped += count
+    return dropped
+
+
+def _event_step(event: bytes) -> int:
+    """The `step` (field 2, varint) of a serialised tensorboard Event; 0 when absent or unparsable."""
+    position = 0
+    try:
+        while position < len(event):
+            key, position = _varint(event, position)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                value, position = _varint(event, position)
+                if field == 2:
+                    return value - (1 << 64) if value >= 1 << 63 else value  # int64
+            elif wire == 1:
+                position += 8
+            elif wire == 2:
+                size, position = _varint(event, position)
+                position += size
+            elif wire == 5:
+                position += 4
+            else:
+                return 0
+    except IndexError:
+        return 0
+    return 0
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, position
 
 
 def read_metrics(path: str | Path) -> list[dict]:

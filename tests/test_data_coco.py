@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.coco import CocoDetection, coco_paths, load_unlabeled
+from data.coco import CategoryMismatchError, CocoDetection, coco_paths, load_unlabeled
 
 # Category ids with gaps and out of order, as in COCO (1..90 with holes).
 CATEGORIES = [{"id": 90, "name": "toothbrush"}, {"id": 3, "name": "car"}, {"id": 17, "name": "cat"}]
@@ -57,7 +57,7 @@ def test_label_map_and_boxes(fixture):
     assert dataset.class_names == ["car", "cat", "toothbrush"]
     assert dataset.num_classes == 3
     assert dataset.image_ids == [2, 7, 11]  # sorted ids
-    assert dataset.stats == {"degenerate": 1, "clipped": 1, "outside": 1, "crowd": 1, "unreadable": 0}
+    assert dataset.stats == {"degenerate": 1, "clipped": 1, "outside": 1, "crowd": 1, "missing": 0, "unreadable": 0}
 
     sample = dataset[1]  # image 7
     assert sample["image_id"] == 7 and sample["orig_size"] == (30, 40)
@@ -143,17 +143,68 @@ def test_unknown_category_or_image_is_an_error(fixture):
         CocoDetection(json_path, images)
 
 
-def test_missing_image_is_an_error_naming_the_file(fixture):
+def test_missing_image_is_an_error_naming_the_json_the_id_and_the_path(fixture):
     json_path, images, _ = fixture
     (images / "b.png").unlink()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dataset = CocoDetection(json_path, images)
-    with pytest.raises(FileNotFoundError, match="b.png"):
-        dataset.check_files()
-    with pytest.raises(FileNotFoundError, match=r"b.png \(image id 2\) is missing"):
-        dataset[0]
+    with pytest.raises(FileNotFoundError, match=r"instances.json: 1 of 3 image files are missing: image id 2: "
+                                                r".*b.png.*--skip-missing"):
+        dataset.check_images()
+    with pytest.raises(FileNotFoundError, match=r"instances.json: image file .*b.png \(image id 2\) is missing"):
+        dataset[0]  # a file that goes away after the check
     assert dataset[1]["image_id"] == 7  # the others still load
+
+    with pytest.warns(UserWarning, match=r"1 of 3 image files are missing and left out: image id 2"):
+        found = dataset.check_images(skip_missing=True)
+    assert (found.checked, found.missing, found.unreadable) == (3, 1, 0)
+    assert dataset.image_ids == [7, 11] and dataset.stats["missing"] == 1
+
+
+def test_the_check_names_the_users_file_not_a_split_made_from_it(fixture, tmp_path):
+    json_path, images, _ = fixture
+    (images / "c.png").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = CocoDetection(json_path, images, source=tmp_path / "mine.json")
+    with pytest.raises(FileNotFoundError, match=r"mine.json: 1 of 3 image files are missing: image id 11: .*c.png"):
+        dataset.check_images(workers=1)
+
+
+def test_the_header_check_finds_corrupt_and_mis_sized_files_up_front(fixture):
+    json_path, images, _ = fixture
+    (images / "a.png").write_bytes(b"this is not a png")  # image 7
+    _write_image(images / "c.png", 10, 10, 0)  # image 11: 10x10, the JSON says 24x16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = CocoDetection(json_path, images)
+    with pytest.warns(UserWarning, match=r"2 of 3 image files cannot be read and will be skipped: image id 7: "
+                                         r".*a.png \(not an image.*image id 11: .*c.png \(size 10x10 differs"):
+        found = dataset.check_images()
+    assert (found.missing, found.unreadable) == (0, 2) and dataset.stats["unreadable"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known bad: no second warning, nothing decoded for them
+        assert [dataset[i]["image_id"] for i in range(3)] == [2, 2, 2]  # training sets substitute
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strict = CocoDetection(json_path, images, strict=True)
+    with pytest.raises(RuntimeError, match="2 image files cannot be read"):
+        strict.check_images()
+
+
+def test_an_evaluation_set_never_substitutes_an_unreadable_image(fixture):
+    json_path, images, _ = fixture
+    (images / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a header, then garbage
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = CocoDetection(json_path, images, substitute=False)
+    with pytest.warns(UserWarning, match=r"leaving out unreadable image .*a.png \(image id 7\)"):
+        assert dataset[1] == {"image_id": 7, "unreadable": True}
+    assert dataset[2]["image_id"] == 11 and dataset.stats["unreadable"] == 1
+    copy = dataset.with_transform(None)  # another scale of a multi-scale test: the same images, known bad ones
+    assert copy.image_ids == dataset.image_ids and copy[1] == {"image_id": 7, "unreadable": True}
 
 
 def test_corrupt_image_is_skipped_with_a_counted_warning(fixture):
@@ -183,7 +234,7 @@ def test_image_size_disagreeing_with_the_json_counts_as_unreadable(fixture):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dataset = CocoDetection(json_path, images, strict=True)
-    with pytest.raises(RuntimeError, match="c.png: size 10x10 differs from the JSON's 24x16"):
+    with pytest.raises(RuntimeError, match="c.png: size 10x10 differs from the annotation file's 24x16"):
         dataset[2]
 
 
@@ -214,3 +265,38 @@ def test_coco_paths(tmp_path):
     assert paths.train_images == tmp_path / "train2017" and paths.val_images == tmp_path / "val2017"
     assert paths.unlabeled_json == tmp_path / "annotations" / "image_info_unlabeled2017.json"
     assert paths.unlabeled_images == tmp_path / "unlabeled2017"
+
+
+@pytest.mark.parametrize("where, key, value, message", [
+    ("images", "width", "40", r"images\[0\] \(id 7\): 'width' must be a positive integer, got '40' \(a string\)"),
+    ("images", "height", 0, r"images\[0\] \(id 7\): 'height' must be a positive integer, got 0"),
+    ("images", "id", "7", r"images\[0\]: 'id' must be an integer, got '7' \(a string\)"),
+    ("images", "file_name", None, r"images\[0\] \(id 7\): 'file_name' must be a non-empty string, got None"),
+    ("annotations", "category_id", "17", r"annotation 1: category_id must be an integer, got '17' \(a string\)"),
+    ("annotations", "iscrowd", "0", r"annotation 1: iscrowd must be 0 or 1, got '0' \(a string\)"),
+    ("annotations", "image_id", 99, r"annotation 1: image_id 99 is not in 'images'"),
+])
+def test_fields_of_the_wrong_type_name_the_file_and_the_record(fixture, where, key, value, message):
+    json_path, images, coco = fixture
+    coco[where][0][key] = value
+    json_path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=f"instances.json: {message}"):
+        CocoDetection(json_path, images)
+
+
+def test_integral_float_sizes_are_accepted(fixture):
+    json_path, images, coco = fixture
+    coco["images"][0]["width"] = 40.0  # some tools write every number as a float
+    json_path.write_text(json.dumps(coco))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert CocoDetection(json_path, images).record(1).width == 40
+
+
+def test_a_label_map_from_elsewhere_that_lacks_annotated_categories_says_so(fixture):
+    json_path, images, _ = fixture
+    fewer = [c for c in CATEGORIES if c["id"] != 90]  # e.g. a checkpoint trained on two of the three classes
+    with pytest.raises(CategoryMismatchError, match=r"instances.json: its annotations use 3 category ids and its "
+                                                    r"'categories' list has 3, but the label map it is read with has "
+                                                    r"2 classes \(category ids \[3, 17\]\); ids \[90\]"):
+        CocoDetection(json_path, images, categories=fewer)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.coco import CocoDetection, load_unlabeled
+from data.coco import CocoDetection, load_unlabeled, unreadable_sample
 from data.loader import (InfiniteSampler, build_train_loader, build_train_loaders, build_val_loader, collate,
                          collate_unlabeled, draw_generator)
 from data.transforms import TwoViewTransform, build_labeled_transform
@@ -55,6 +55,15 @@ def test_collate_pads_to_a_multiple_and_records_sizes():
     assert exact.images.shape == (2, 3, 64, 70)
     one = collate([_sample(32, 32, 1)], size_divisible=32)
     assert one.images.shape == (1, 3, 32, 32)
+
+
+def test_collate_leaves_unreadable_samples_out_and_names_them():
+    samples = [unreadable_sample(4), _sample(40, 40, 1, image_id=5), unreadable_sample(6)]
+    batch = collate(samples, size_divisible=32)
+    assert batch.image_ids == [5] and batch.skipped_ids == [4, 6] and batch.images.shape == (1, 3, 64, 64)
+    assert batch.to("cpu").skipped_ids == [4, 6]
+    empty = collate([unreadable_sample(7)], size_divisible=32)
+    assert len(empty) == 0 and empty.skipped_ids == [7] and empty.images.shape[0] == 0
 
 
 def test_collate_unlabeled_and_to():

@@ -222,3 +222,13 @@ def test_extra_unlabeled_images_with_repeated_ids_are_refused(tmp_path):
     extra = _coco(tmp_path / "extra.json", [2, 9])
     with pytest.raises(ValueError, match=r"extra.json: 1 image ids also in .*rest.json"):
         with_extra_unlabeled(rest, extra, out_dir=tmp_path)
+
+
+def test_an_annotation_of_no_image_is_an_error_naming_the_users_file(train, tmp_path):
+    path, coco, _ = train
+    coco["annotations"][0]["image_id"] = -4  # would otherwise land, unseen, in the unlabeled part
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=r"instances_train2017.json: annotation 1: image_id -4 is not in 'images'"):
+        make_split(path, percent=10, fold=1, out_dir=tmp_path / "splits")
+    with pytest.raises(FileNotFoundError, match=r"annotation file .*absent.json does not exist"):
+        make_split(tmp_path / "absent.json", percent=10, fold=1, out_dir=tmp_path / "splits")

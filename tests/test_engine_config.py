@@ -67,10 +67,17 @@ def test_every_kind_of_flag_overrides_the_preset():
     (["--detector", "yolo"], "detector"),
     (["--percent", "0"], "percent"),
     (["--dataset", "custom"], "custom"),
-    (["--method", "sed", "--unlabeled-batch", "0"], "unlabeled_batch"),
-    (["--milestones", "2"], "milestones"),
+    (["--method", "sed", "--unlabeled-batch", "0"], "--unlabeled-batch must be >= 1"),
+    (["--milestones", "2"], "--milestones"),
+    (["--eval-period", "0"], r"--eval-period must be >= 1.*got 0"),
+    (["--checkpoint-period", "0"], "--checkpoint-period must be >= 1"),
+    (["--log-period", "-1"], "--log-period must be >= 1"),
+    (["--fold", "0"], r"--fold must be 1\.\.5, got 0"),
+    (["--fold", "6"], r"--fold must be 1\.\.5, got 6"),
+    (["--split-file", "s.json", "--fold", "-1"], r"--fold must be >= 0"),
+    (["--resume", "--overwrite"], "--overwrite deletes the run that --resume would continue"),
 ])
-def test_bad_settings_name_the_field(argv, message):
+def test_bad_settings_name_the_flag(argv, message):
     with pytest.raises(ValueError, match=message):
         parse_config(argv)
 

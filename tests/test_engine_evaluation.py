@@ -59,12 +59,12 @@ def fake_batch(image_ids):
     images = torch.tensor(image_ids, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 32, 32)
     return SimpleNamespace(images=images, image_sizes=torch.full((len(image_ids), 2), 32),
                            matrices=torch.stack([view_matrix(i) for i in image_ids]),
-                           image_ids=list(image_ids), orig_sizes=[IMAGES[i] for i in image_ids])
+                           image_ids=list(image_ids), orig_sizes=[IMAGES[i] for i in image_ids], skipped_ids=[])
 
 
-def run(monkeypatch, gt_json, detect):
+def run(monkeypatch, gt_json, detect, loader=None):
     """evaluation.evaluate over two one-image batches with `detect(image_id) -> detections dict`."""
-    loader = [fake_batch([10]), fake_batch([20])]
+    loader = loader or [fake_batch([10]), fake_batch([20])]
     monkeypatch.setattr(evaluation.detectors, "predict",
                         lambda detector, images, sizes: [detect(int(image[0, 0, 0])) for image in images])
     detector = SimpleNamespace(model=nn.Linear(1, 1))
@@ -130,3 +130,12 @@ def test_coco_metrics_restricts_to_the_evaluated_images(gt_json):
                                       class_names=dict(zip(CATEGORY_IDS, CLASS_NAMES)))
     assert metrics["AP"] == pytest.approx(1.0)
     assert per_class["bird"] == pytest.approx(1.0) and math.isnan(per_class["cat"])
+
+
+def test_an_unreadable_image_is_left_out_of_the_scoring(monkeypatch, gt_json):
+    unreadable = SimpleNamespace(image_ids=[], skipped_ids=[20])  # a batch of unreadable images only (collate)
+    result = run(monkeypatch, gt_json, perfect, loader=[fake_batch([10]), unreadable])
+    assert result.num_images == 1 and result.skipped_ids == [20]
+    assert {r["image_id"] for r in result.results} == {10}
+    assert result.metrics["AP"] == pytest.approx(1.0)  # image 20's objects are not counted as missed
+    assert result.counts() == "1 images scored; 1 unreadable images left out of the scoring (image ids 20)"

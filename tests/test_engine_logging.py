@@ -73,6 +73,31 @@ def test_tensorboard_event_files_hold_every_scalar(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss/total")] == [(1, 3.0), (2, 9.0)]
 
 
+def test_a_resume_truncates_the_event_files_too_even_without_tensorboard_this_time(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard=True)
+    for iteration in (1, 2, 3, 4):
+        log.write(training_record(iteration))
+    log.close()
+    (event_file,) = tmp_path.glob("events.out.tfevents.*")
+    with open(event_file, "ab") as f:
+        f.write(b"\x30\x00\x00")  # a record cut short by a crash
+
+    def steps() -> list[int]:
+        return sorted({event.step for event in EventFileLoader(str(event_file)).Load() if event.summary.value})
+
+    assert steps() == [1, 2, 3, 4]
+    resumed = MetricsLog(tmp_path / "metrics.jsonl")  # this time without --tensorboard
+    resumed.drop_after(2)
+    resumed.close()
+    assert steps() == [1, 2]
+    assert [r["iteration"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    MetricsLog(tmp_path / "metrics.jsonl").drop_after(0)  # --resume without a checkpoint: nothing is kept
+    assert steps() == [] and read_metrics(tmp_path / "metrics.jsonl") == []
+
+
 def test_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(ImportError, match="pip install tensorboard"):

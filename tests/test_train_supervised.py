@@ -147,7 +147,9 @@ def test_non_finite_loss_names_the_iteration_and_every_term(builtin_dir, tmp_pat
         return losses
 
     monkeypatch.setattr(train.detectors, "supervised_losses", exploding_losses)
-    with pytest.raises(FloatingPointError, match=r"iteration 1.*sup_loss_cls=[0-9.]+.*sup_loss_box=inf"):
+    # The second iteration: "it 2" in the log, and "iteration 2" in the message.
+    with pytest.raises(FloatingPointError, match=r"in iteration 2 \(counted from 1, as the log's 'it N'\); terms: "
+                                                 r"sup_loss_cls=[0-9.]+.*sup_loss_box=inf"):
         train.train(tiny_config(builtin_dir, tmp_path))
 
 
