@@ -558,7 +558,7 @@ def test_build_sed_from_the_run_config():
     sed = build_method("sed", cfg=cfg, detector_name=cfg.detector)
     assert sed.cfg.distill == "hard" and sed.ema_momentum(0) == pytest.approx(0.996)
     assert sed.ema_momentum(cfg.max_iter) == pytest.approx(0.9)
-    assert sed.cfg.burn_in == round(cfg.max_iter / 2) and sed.loss_weights(0)["unsup_loss_scale_cls"] == 0.0
+    assert sed.cfg.burn_in == round(cfg.max_iter / 4) and sed.loss_weights(0)["unsup_loss_scale_cls"] == 0.0
     assert sed.loss_weights(cfg.max_iter - 1)["unsup_loss_scale_cls"] == 2.0 * cfg.unlabeled_batch / cfg.labeled_batch
     with pytest.raises(ValueError, match="unknown SED settings"):
         build_method("sed", cfg=resolve_config({"method": "sed", "method_args": {"lambda_s": 1.0}}),

@@ -365,9 +365,9 @@ def test_build_method():
     method = build_method("soft_teacher", cfg=cfg, detector_name="faster_rcnn")
     assert (method.cfg.teacher_rpn_pre_nms, method.cfg.teacher_rpn_post_nms) == (600, 200)
     # method_args update the preset's key by key: jitter_times from the override, unsup_weight from the built-in
-    # preset (1, not the paper's 4), burn_in too (half the run).
+    # preset (1, not the paper's 4), burn_in too (a quarter of the run).
     assert method.cfg.jitter_times == 5 and method.cfg.unsup_weight == 1.0
-    assert method.cfg.burn_in == round(cfg.max_iter / 2)
+    assert method.cfg.burn_in == round(cfg.max_iter / 4)
     with pytest.raises(ValueError, match="faster_rcnn"):
         build_method("soft_teacher", cfg=cfg, detector_name="fcos")
     cfg.method_args = {"jitter_time": 5}
