@@ -440,6 +440,8 @@ def voc_files(cfg: Config) -> DatasetFiles:
         extra = coco20_json(coco.train_json, coco.train_images, unlabeled.parent)
         unlabeled = with_extra_unlabeled(unlabeled, extra, out_dir=unlabeled.parent)
     return files._replace(unlabeled_json=unlabeled, unlabeled_images=devkit)
+
+
 def check_dataset_files(cfg: Config, files: DatasetFiles, names: tuple[str, ...] = DATASET_PATHS) -> None:
     """Raise FileNotFoundError naming the flag that gave a dataset file or folder (or --data-root's layout)
     when it is not there; `names` picks which of DATASET_PATHS to look at (evaluation needs the val ones)."""
@@ -454,6 +456,8 @@ def check_dataset_files(cfg: Config, files: DatasetFiles, names: tuple[str, ...]
             given = f"{flag(name)} {path}"
         elif cfg.dataset == "builtin":
             given = f"the built-in dataset's {path}"
+        elif cfg.dataset == "voc":
+            given = f"{path} (converted from the VOCdevkit under --data-root {cfg.data_root})"
         else:
             given = f"{path} (the COCO 2017 layout under --data-root {cfg.data_root}; {flag(name)} overrides it)"
         raise FileNotFoundError(f"{given}: no such {kind}")
