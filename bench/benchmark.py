@@ -111,7 +111,7 @@ def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], see
         method, detector = argv[argv.index("--method") + 1], argv[argv.index("--detector") + 1]
         row_percent = float(argv[argv.index("--percent") + 1])
         row = {"method": method, "detector": detector, "percent": row_percent, "argv": argv,
-               "seeds": [], "student": [], "teacher": []}
+               "seeds": [], "student": [], "teacher": [], "minutes": []}
         for seed in seeds:
             result = final_metrics(dirs[name, seed])
             if not result:
@@ -120,6 +120,8 @@ def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], see
             for model in ("student", "teacher"):
                 if model in result:
                     row[model].append(100 * result[model]["AP"])
+            # Wall time of the whole run: its last final evaluation ends it (evaluations included).
+            row["minutes"].append(max(r.get("elapsed", float("nan")) for r in result.values()) / 60)
         for model in ("student", "teacher"):
             if row[model]:
                 row[f"{model}_mean"], row[f"{model}_std"] = mean_std(row[model])
@@ -150,8 +152,9 @@ def _cell(row: dict, model: str) -> str:
 
 def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine: str, dataset_seed: int,
              seeds: int) -> str:
-    lines = [f"| row | detector | labels | seeds | student AP | teacher AP | gain over supervised | gap closed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| row | detector | labels | seeds | student AP | teacher AP | gain over supervised | gap closed | "
+             "minutes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in summary.items():
         model = "teacher" if "teacher_mean" in row else "student"
         gain, gap = "", ""
@@ -160,8 +163,9 @@ def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine
             gain = f"{row[f'{model}_gain']:+.1f}{mark}"
         if f"{model}_gap_closed" in row:
             gap = f"{100 * row[f'{model}_gap_closed']:.0f}%"
+        minutes = f"{statistics.median(row['minutes']):.0f}" if row.get("minutes") else "-"
         lines.append(f"| {name} | {row['detector']} | {row['percent']:g}% | {len(row['seeds'])} | "
-                     f"{_cell(row, 'student')} | {_cell(row, 'teacher')} | {gain} | {gap} |")
+                     f"{_cell(row, 'student')} | {_cell(row, 'teacher')} | {gain} | {gap} | {minutes} |")
     header = [
         "# Results on the built-in benchmark",
         "",
@@ -170,7 +174,12 @@ def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine
         f"(AP50:95, %) of the final model on all validation images. Each cell is the mean ± sample std over the "
         f"seeds; a gain counts where it exceeds twice the pooled std of the method and its supervised baseline. "
         f"The gap closed is (method - supervised at {percent:g}%) / (supervised at 100% - supervised at "
-        f"{percent:g}%), on the teacher for the methods.",
+        f"{percent:g}%), on the teacher for the methods. Minutes: the median wall time of a run, its "
+        f"evaluations included.",
+        "",
+        "A seed changes the heads' initialisation, the order and augmentation of the images and the methods' random "
+        "choices; the labeled split (fold 1) and the dataset stay the same unless `--vary-fold` or `--dataset-seed` "
+        "says otherwise, so the spread measures training noise.",
         "",
         f"Machine: {machine}.",
         "",

@@ -67,7 +67,7 @@ class BuiltinSpec:
     """Everything the generated dataset depends on; a different spec is a different dataset (and folder)."""
 
     seed: int = 0
-    num_train: int = 1000
+    num_train: int = 500
     num_val: int = 500
     unlabeled_per_train: float = 4.0  # extra unlabeled images (unlabeled.json, as COCO's unlabeled2017) per train image
     image_size: int = 128  # square images, pixels
