@@ -204,9 +204,11 @@ SSOD_HD void two_reciprocals(V a, V b, V& inv_a, V& inv_b) {
   inv_b = a * inv_ab;
 }
 
-// The bin of a gradient norm g in [0, 1] among `bins` equal bins; g >= 1 goes to the last.
+// The bin of a gradient norm g in [0, 1] among `bins` equal bins; g >= 1 goes to the last, and a NaN (from
+// NaN logits) to the first, so that a diverged input gives a NaN loss, never an index outside the bins.
 template <typename T>
 SSOD_HD int32_t gradient_bin(T g, int32_t bins) {
+  if (!(g < static_cast<T>(1))) return g >= static_cast<T>(1) ? bins - 1 : 0;  // g >= 1, or NaN
   const int32_t b = static_cast<int32_t>(g * static_cast<T>(bins));
   return b < bins - 1 ? b : bins - 1;
 }

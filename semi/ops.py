@@ -187,8 +187,9 @@ def ghm_kl_reference(student_logits: Tensor, teacher_logits: Tensor, *, mode: st
     else:
         p_s, p_t = F.log_softmax(s.detach(), dim=-1).exp(), F.log_softmax(t, dim=-1).exp()
         g = 0.5 * (p_s - p_t).abs().sum(dim=-1)  # total variation = ||dKL/ds||_1 / 2
-    # M equal bins on [0, 1]; g = 1 (and rounding just above it) goes to the last bin.
-    bin_index = (g * bins).floor().long().clamp_(max=bins - 1)  # same shape as kl
+    # M equal bins on [0, 1]; g = 1 (and rounding just above it) goes to the last bin, and a NaN g (NaN
+    # logits) to the first, as in the kernels: the loss is then NaN, and the counts stay well defined.
+    bin_index = (torch.nan_to_num(g, nan=0.0) * bins).floor().long().clamp_(max=bins - 1)  # same shape as kl
     counts = torch.bincount(bin_index.flatten(), minlength=bins)  # (bins,) R_j, integers: no gradient
     loss = (kl / counts[bin_index].to(kl.dtype)).sum() / bins  # Eq. 5: (1/M) sum_i KL_i / R_bin(g_i)
     return GHMKLOutput(loss, counts)

@@ -251,6 +251,29 @@ def test_ghm_kl_g_exactly_zero_and_one_in_the_vector_loops():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bins", [10, 64])  # the vector-compare and the scatter accumulations
+def test_ghm_kl_nan_logits_fall_in_the_first_bin(device, mode, dtype, bins):
+    # A diverged student: NaN logits in the vector loops and in the scalar remainder. Each NaN sample (an
+    # element, or a row holding a NaN) is counted in bin 0 and makes the loss NaN, in kernel and reference.
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(37, 41, generator=gen, dtype=dtype)
+    t = torch.randn(37, 41, generator=gen, dtype=dtype)
+    s[0, :8] = float("nan")
+    s[5, 40] = float("nan")
+    s[36, 39] = float("nan")
+    s, t = s.to(device), t.to(device)
+    out = ops.ghm_kl_with_counts(s, t, mode=mode, bins=bins)
+    ref = ops.ghm_kl_reference(s, t, mode=mode, bins=bins)
+    assert torch.isnan(out.loss) and torch.isnan(ref.loss)
+    assert torch.equal(out.counts.cpu(), ref.counts.cpu())
+    samples = s.numel() if mode == "sigmoid" else s.shape[0]
+    nan_samples = 10 if mode == "sigmoid" else 3
+    assert int(out.counts.sum()) == samples and int(out.counts[0]) >= nan_samples
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_ghm_kl_extreme_logits_are_finite(device, mode, dtype):
     s = torch.tensor([[100.0, -100.0, 0.0, 100.0], [-100.0, 100.0, 50.0, -50.0]], dtype=dtype, device=device,
                      requires_grad=True)

@@ -59,8 +59,10 @@ using simd::Pack;
 // The bins of W gradient norms, as gradient_bin finds the bin of one.
 template <int W>
 SSOD_ALWAYS_INLINE Int<W> gradient_bins(Float<W> g, int32_t bins) {
+  // g is in [0, 1] or NaN; a NaN converts to INT32_MIN, and goes to bin 0 as in gradient_bin.
   const Int<W> b = simd::to_int<W>(g * static_cast<float>(bins));
-  return b < bins - 1 ? b : bins - 1;
+  const Int<W> low = b < 0 ? 0 : b;
+  return low < bins - 1 ? low : bins - 1;
 }
 
 // ---------------------------------------------------------------------------------------------------------
