@@ -65,6 +65,18 @@ def test_cuda_cases_run_when_expected():
 # --------------------------------------------------------------------------------------------------------
 
 
+def assert_ghm_kl_matches_reference(s, t, *, mode, bins=10, loss_atol=1e-7, grad_atol=1e-12):
+    """Kernel against reference on logits s, t: equal counts, close loss, close gradient w.r.t. s."""
+    x, x_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
+    out = ops.ghm_kl_with_counts(x, t, mode=mode, bins=bins)
+    ref = ops.ghm_kl_reference(x_ref, t, mode=mode, bins=bins)
+    assert torch.equal(out.counts, ref.counts)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=loss_atol)
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=grad_atol)
+
+
 def _binary_kl(p_t: float, p_s: float) -> float:
     return p_t * math.log(p_t / p_s) + (1 - p_t) * math.log((1 - p_t) / (1 - p_s))
 
@@ -507,14 +519,7 @@ def test_ghm_kl_large_sigmoid_forward_and_backward():
     gen = torch.Generator().manual_seed(5)
     s = torch.randn(4100, 1025, generator=gen) * 3
     t = torch.randn(4100, 1025, generator=gen) * 3
-    s_kernel, s_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
-    out = ops.ghm_kl_with_counts(s_kernel, t, mode="sigmoid", bins=10)
-    ref = ops.ghm_kl_reference(s_ref, t, mode="sigmoid", bins=10)
-    assert torch.equal(out.counts, ref.counts)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
-    out.loss.backward()
-    ref.loss.backward()
-    torch.testing.assert_close(s_kernel.grad, s_ref.grad, rtol=1e-5, atol=1e-12)
+    assert_ghm_kl_matches_reference(s, t, mode="sigmoid")
 
 
 @needs_ext
@@ -950,14 +955,7 @@ def test_cuda_ghm_kl_at_coco_sizes(mode):
     else:
         s = torch.randn(4096, 81, generator=gen, device="cuda") * 3
         t = torch.randn(4096, 81, generator=gen, device="cuda") * 3
-    x, x_ref = s.clone().requires_grad_(), s.clone().requires_grad_()
-    out = ops.ghm_kl_with_counts(x, t, mode=mode, bins=10)
-    ref = ops.ghm_kl_reference(x_ref, t, mode=mode, bins=10)
-    assert torch.equal(out.counts, ref.counts)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
-    out.loss.backward()
-    ref.loss.backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-12)
+    assert_ghm_kl_matches_reference(s, t, mode=mode)
 
 
 @needs_cuda
