@@ -138,6 +138,7 @@ def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], see
             pooled = math.sqrt((row[f"{model}_std"] ** 2 + low["student_std"] ** 2) / 2)
             row[f"{model}_gain"] = gain
             row[f"{model}_significant"] = bool(gain > 2 * pooled) if not math.isnan(pooled) else None
+            row[f"{model}_worse"] = bool(gain < -2 * pooled) if not math.isnan(pooled) else None  # a loss that counts
             if "student_mean" in high and high["student_mean"] > low["student_mean"]:
                 row[f"{model}_gap_closed"] = gain / (high["student_mean"] - low["student_mean"])
     return summary
@@ -159,7 +160,12 @@ def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine
         model = "teacher" if "teacher_mean" in row else "student"
         gain, gap = "", ""
         if f"{model}_gain" in row:
-            mark = {True: " (counts)", False: " (within noise)", None: ""}[row[f"{model}_significant"]]
+            if row[f"{model}_significant"] is None:
+                mark = ""
+            elif row[f"{model}_significant"]:
+                mark = " (counts)"
+            else:
+                mark = " (below supervised, beyond noise)" if row[f"{model}_worse"] else " (within noise)"
             gain = f"{row[f'{model}_gain']:+.1f}{mark}"
         if f"{model}_gap_closed" in row:
             gap = f"{100 * row[f'{model}_gap_closed']:.0f}%"
@@ -172,7 +178,8 @@ def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine
         f"Written by `python bench/benchmark.py` on {time.strftime('%Y-%m-%d')}: the built-in dataset (generator "
         f"seed {dataset_seed}), {percent:g}% of the labels as the headline fraction, {max_iter} iterations, COCO AP "
         f"(AP50:95, %) of the final model on all validation images. Each cell is the mean ± sample std over the "
-        f"seeds; a gain counts where it exceeds twice the pooled std of the method and its supervised baseline. "
+        f"seeds; a gain counts where it exceeds twice the pooled std of the method and its supervised baseline, "
+        f"and a loss where it falls below minus that. "
         f"The gap closed is (method - supervised at {percent:g}%) / (supervised at 100% - supervised at "
         f"{percent:g}%), on the teacher for the methods. Minutes: the median wall time of a run, its "
         f"evaluations included.",

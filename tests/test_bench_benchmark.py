@@ -70,6 +70,19 @@ def test_a_gain_within_twice_the_pooled_std_does_not_count(tmp_path):
     row = json.loads(doc.with_suffix(".json").read_text())["rows"]["dense_teacher_fcos"]
     assert row["teacher_gain"] == pytest.approx(3.0) and row["teacher_significant"] is False
     assert "teacher_gap_closed" not in row  # no 100% run: no gap
+    assert row["teacher_worse"] is False and "+3.0 (within noise)" in doc.with_suffix(".md").read_text()
+
+
+def test_a_loss_beyond_twice_the_pooled_std_is_named_as_one(tmp_path):
+    out, doc = tmp_path / "runs", tmp_path / "RESULTS"
+    fill(out, "supervised_faster_rcnn_10pct", [0.11, 0.12, 0.13])
+    fill(out, "sed_faster_rcnn", [0.08, 0.09, 0.10], teacher=[0.08, 0.09, 0.10])
+    benchmark.main(["--report-only", "--rows", "faster_rcnn", "--max-iter", str(MAX_ITER), "--out", str(out),
+                    "--doc", str(doc)])
+    row = json.loads(doc.with_suffix(".json").read_text())["rows"]["sed_faster_rcnn"]
+    assert row["teacher_gain"] == pytest.approx(-3.0) and row["teacher_significant"] is False
+    assert row["teacher_worse"] is True  # -3 < -2 * 1
+    assert "-3.0 (below supervised, beyond noise)" in doc.with_suffix(".md").read_text()
 
 
 def test_train_quotes_the_baseline_of_the_same_preset_only(tmp_path):
