@@ -61,28 +61,30 @@ def test_table_reports_mean_std_gap_and_the_two_std_rule(tmp_path, monkeypatch):
     assert "Incomplete: 1 of 4 rows have fewer than 3 seeds" in text  # the SED row has not run
 
 
-def test_a_gain_within_twice_the_pooled_std_does_not_count(tmp_path):
+def method_against_supervised(tmp_path, detector: str, method: str, supervised: list, aps: list):
+    """Report a method's row (teacher = student = `aps`) against a supervised row at 10%, with no 100% row
+    -> (the method's row of RESULTS.json, the text of RESULTS.md)."""
     out, doc = tmp_path / "runs", tmp_path / "RESULTS"
-    fill(out, "supervised_fcos_10pct", [0.30, 0.34, 0.38])
-    fill(out, "dense_teacher_fcos", [0.33, 0.37, 0.41], teacher=[0.33, 0.37, 0.41])
-    benchmark.main(["--report-only", "--rows", "fcos", "--max-iter", str(MAX_ITER), "--out", str(out),
+    fill(out, f"supervised_{detector}_10pct", supervised)
+    fill(out, f"{method}_{detector}", aps, teacher=aps)
+    benchmark.main(["--report-only", "--rows", detector, "--max-iter", str(MAX_ITER), "--out", str(out),
                     "--doc", str(doc)])
-    row = json.loads(doc.with_suffix(".json").read_text())["rows"]["dense_teacher_fcos"]
+    return json.loads(doc.with_suffix(".json").read_text())["rows"][f"{method}_{detector}"], \
+        doc.with_suffix(".md").read_text()
+
+
+def test_a_gain_within_twice_the_pooled_std_does_not_count(tmp_path):
+    row, text = method_against_supervised(tmp_path, "fcos", "dense_teacher", [0.30, 0.34, 0.38], [0.33, 0.37, 0.41])
     assert row["teacher_gain"] == pytest.approx(3.0) and row["teacher_significant"] is False
     assert "teacher_gap_closed" not in row  # no 100% run: no gap
-    assert row["teacher_worse"] is False and "+3.0 (within noise)" in doc.with_suffix(".md").read_text()
+    assert row["teacher_worse"] is False and "+3.0 (within noise)" in text
 
 
 def test_a_loss_beyond_twice_the_pooled_std_is_named_as_one(tmp_path):
-    out, doc = tmp_path / "runs", tmp_path / "RESULTS"
-    fill(out, "supervised_faster_rcnn_10pct", [0.11, 0.12, 0.13])
-    fill(out, "sed_faster_rcnn", [0.08, 0.09, 0.10], teacher=[0.08, 0.09, 0.10])
-    benchmark.main(["--report-only", "--rows", "faster_rcnn", "--max-iter", str(MAX_ITER), "--out", str(out),
-                    "--doc", str(doc)])
-    row = json.loads(doc.with_suffix(".json").read_text())["rows"]["sed_faster_rcnn"]
+    row, text = method_against_supervised(tmp_path, "faster_rcnn", "sed", [0.11, 0.12, 0.13], [0.08, 0.09, 0.10])
     assert row["teacher_gain"] == pytest.approx(-3.0) and row["teacher_significant"] is False
     assert row["teacher_worse"] is True  # -3 < -2 * 1
-    assert "-3.0 (below supervised, beyond noise)" in doc.with_suffix(".md").read_text()
+    assert "-3.0 (below supervised, beyond noise)" in text
 
 
 def test_train_quotes_the_baseline_of_the_same_preset_only(tmp_path):
