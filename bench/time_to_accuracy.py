@@ -31,6 +31,7 @@ VARIANTS = {
     "cosine": ["--schedule", "cosine"],
     "batch4": ["--labeled-batch", "4"],  # the lr follows the batch linearly (engine.config.resolve_config)
     "size96-128": ["--train-sizes", "96", "112", "128"],
+    "size128": ["--train-sizes", "128"],  # one training scale, the test size: no multi-scale augmentation
 }
 
 
