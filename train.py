@@ -50,7 +50,7 @@ from engine.evaluation import evaluate, load_coco
 from engine.logger import MetricsLog, format_losses, progress_bar
 from engine.pretrain import PretrainSpec, ensure_pretrained_backbone
 from engine.pseudo_labels import draw_pseudo_labels, pseudo_label_quality
-from engine.results import baseline_for, format_reference
+from engine.results import format_reference, table_references
 from engine.run_dir import claim_run_dir
 from semi.core import Method, frozen_norm_statistics, prefix, weighted_total
 from semi.ema import EMATeacher
@@ -445,18 +445,23 @@ def run_training(cfg: Config) -> dict:
 
 
 def compare_with_table(cfg: Config, results: dict) -> str:
-    """The final AP next to the results table's rows of the same preset and schedule (engine/results.py)."""
+    """The final AP next to the results table's rows of the same recipe (engine/results.py)."""
     lines = ["", "final AP (COCO AP50:95, all validation images): " + ", ".join(
         f"{name} {100 * metrics['AP']:.1f}" for name, metrics in results.items())]
-    references = baseline_for(cfg)
+    references, not_quoted = table_references(cfg)
     if not references:
-        lines.append("(no row of docs/RESULTS.md has this dataset, label fraction and schedule to compare with)")
+        why = next(iter(not_quoted.values()), "docs/RESULTS.md has no results for this method, detector and "
+                                               "label fraction")
+        lines.append(f"(the results table's baselines are not quoted: {why})")
         return "\n".join(lines)
-    lines.append("the results table (docs/RESULTS.md, bench/benchmark.py), the same preset and schedule:")
+    lines.append("the results table (docs/RESULTS.md, bench/benchmark.py), the same recipe:")
     names = {"supervised": f"supervised, {cfg.percent:g}% of the labels", "full": "supervised, 100% of the labels",
              "method": f"{cfg.method} (teacher)"}
     for key, reference in references.items():
         lines.append(f"  {names[key]:<36} {format_reference(reference)}")
+    for key, why in not_quoted.items():
+        if key not in references:
+            lines.append(f"  {names[key]:<36} not quoted: {why}")
     if "supervised" in references and cfg.method != "supervised" and "teacher" in results:
         gain = 100 * results["teacher"]["AP"] - references["supervised"].mean
         lines.append(f"  this run's teacher against the supervised baseline: {gain:+.1f} AP")

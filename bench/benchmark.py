@@ -279,7 +279,10 @@ def main(argv: list[str] | None = None) -> None:
         order = sorted(commands, key=lambda key: (int(key.split("/seed")[1]), list(runs).index(key.split("/")[0])))
         run_all({key: commands[key] for key in order}, dirs=flat_dirs, jobs=args.jobs, threads=threads)
 
-    summary = summarise(runs, dirs, seeds, args.percent)
+    # A row records the train.py flags of its runs, --extra's included, so that a run can tell whether it
+    # trained the same recipe (engine/results.py); the seed and the fold are per run, the dataset seed per table.
+    recorded = {name: [*argv, *shlex.split(args.extra)] for name, argv in runs.items()}
+    summary = summarise(recorded, dirs, seeds, args.percent)
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, {args.jobs} run(s) at a time with {threads} torch "
                f"thread(s) each")
     text = markdown(summary, percent=args.percent, max_iter=args.max_iter, machine=machine,
@@ -289,8 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         text += f"\n![results]({doc.with_suffix('.png').name})\n"
     doc.with_suffix(".md").write_text(text)
     doc.with_suffix(".json").write_text(json.dumps(
-        {"percent": args.percent, "max_iter": args.max_iter, "dataset_seed": args.dataset_seed, "machine": machine,
-         "rows": summary}, indent=1) + "\n")
+        {"percent": args.percent, "max_iter": args.max_iter, "dataset_seed": args.dataset_seed,
+         "vary_fold": args.vary_fold, "machine": machine, "rows": summary}, indent=1) + "\n")
     print(text)
     print(f"bench/benchmark.py: wrote {doc.with_suffix('.md')}")
 

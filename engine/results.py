@@ -1,19 +1,60 @@
 """The published results table (docs/RESULTS.json, written by bench/benchmark.py), read back for a run.
 
-    reference = baseline_for(cfg)     # the supervised row of the same preset and schedule, or None
+    references = baseline_for(cfg)    # {"supervised" / "full" / "method": Reference} of the same recipe
+    table = table_references(cfg)     # the same, and why each row of the table that exists is not quoted
 
-A training run on the built-in dataset ends by printing its final AP next to the supervised baseline of the
-same preset, label fraction, detector and schedule, as measured over seeds by `bench/benchmark.py`, so that
-a user sees what the method gained. A run that differs from the benchmark's rows in any of those (or in the
-dataset's generator seed) gets no baseline: its figures would not be comparable.
+A training run ends by printing its final AP next to the table's rows that measured the same recipe over
+seeds, so that a user sees what the method gained: the supervised baseline at the run's label fraction, the
+supervised model at 100% of the labels, and the run's own method. Each row of the table stores the
+`train.py` arguments its runs were launched with (`argv`, without the seed that the benchmark adds per run;
+the dataset's generator seed comes from the table's `dataset_seed`); the row's Config is rebuilt from them
+with `engine.config.parse_config`, so from the same presets as the run's, and a row is quoted only when every
+setting that changes what is trained equals the run's (RECIPE_EXEMPT lists the settings that do not). The
+supervised rows are compared without the settings that only a method uses (METHOD_ONLY), and the 100% row
+without the label fraction too; it is quoted only beside the baseline at the run's fraction, the other end of
+the gap that the method closes. A row that records no `argv` (a table
+written before rows stored them), or whose `argv` no longer parses, is not quoted; so is every row of a run
+that differs from the benchmark in its recipe, and `table_references` says where (e.g. "lr: 0.05 vs 0.02").
+
+The argv pins the flags, not the presets they apply to: a table measured before a preset changed is quoted
+against the changed preset until bench/benchmark.py writes it again.
 """
 
+import contextlib
+import dataclasses
+import io
 import json
 import math
 from pathlib import Path
 from typing import NamedTuple
 
+from data.synthetic import BuiltinSpec
+from engine.config import Config, parse_config
+
 RESULTS_JSON = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.json"
+
+# Config fields that do not change what a run trains, left out when a run is compared with a row. Every other
+# field is part of the recipe (fold included: the table's seeds share one labeled split, so its spread does not
+# cover another split; amp too: it changes the arithmetic of the forward passes).
+RECIPE_EXEMPT = (
+    "seed",  # the table's rows are a mean over seeds, which bench/benchmark.py adds per run
+    # where files are read from or written to, not what they hold
+    "output_dir", "builtin_dir", "voc_cache", "split_dir",
+    # how the same computation is carried out
+    "device", "threads", "num_workers",
+    # what is evaluated, logged and kept along the way (the final evaluation uses every validation image)
+    "eval_period", "eval_max_images", "checkpoint_period", "keep_checkpoints", "log_period", "draw_period",
+    "tensorboard",
+    # continuing or replacing an earlier run in output_dir
+    "resume", "overwrite",
+    # what to do about missing image files; the built-in dataset has none
+    "skip_missing",
+)
+
+# Config fields that only a semi-supervised method uses: a supervised run reads none of them, so the supervised
+# rows are compared with a method's run without them.
+METHOD_ONLY = ("method", "method_args", "unlabeled_batch", "norm_stats", "unlabeled_json", "unlabeled_images",
+               "unlabeled_coco_root")
 
 
 class Reference(NamedTuple):
@@ -21,6 +62,11 @@ class Reference(NamedTuple):
     mean: float  # AP (%), mean over the seeds
     std: float  # sample std over the seeds (nan for one seed)
     seeds: int
+
+
+class TableReferences(NamedTuple):
+    references: dict[str, Reference]  # "supervised", "full", "method": the rows quoted
+    not_quoted: dict[str, str]  # the same keys: why a row of the table that has results is not quoted
 
 
 def _row(results: dict, name: str, model: str) -> Reference | None:
@@ -40,27 +86,93 @@ def load_results(path: str | Path = RESULTS_JSON) -> dict | None:
         return None
 
 
-def comparable(cfg, results: dict) -> bool:
-    """Whether run `cfg` has the benchmark's dataset, schedule and label fraction."""
-    spec_seed = cfg.builtin_spec.get("seed", 0)
-    other_spec = set(cfg.builtin_spec) - {"seed"}
-    return (cfg.dataset == "builtin" and not other_spec and spec_seed == results.get("dataset_seed", 0)
-            and cfg.max_iter == results.get("max_iter") and math.isclose(cfg.percent, results.get("percent", -1)))
+def row_config(results: dict, row: dict) -> Config | str:
+    """The Config a row's runs trained with (their seed aside), or why it cannot be rebuilt."""
+    argv = row.get("argv")
+    if not isinstance(argv, list) or not all(isinstance(arg, str) for arg in argv):
+        return "the table's rows do not record their command line (written before bench/benchmark.py stored it)"
+    if results.get("vary_fold"):
+        return "the table's seeds each trained on another labeled split (bench/benchmark.py --vary-fold)"
+    dataset_seed = results.get("dataset_seed", 0)  # the benchmark passes it to every run besides argv
+    extra = ["--builtin-spec", f"seed={dataset_seed}"] if dataset_seed else []
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage text
+            return parse_config([*argv, *extra])
+    except (ValueError, TypeError, SystemExit) as error:  # argparse exits on a flag it does not know
+        detail = "arguments train.py does not take" if isinstance(error, SystemExit) else error
+        return f"a row's command line no longer parses ({detail})"
 
 
-def baseline_for(cfg, path: str | Path = RESULTS_JSON) -> dict[str, Reference]:
-    """{"supervised": the supervised row of cfg's detector and fraction, "method": cfg's own row (teacher AP),
-    "full": supervised at 100%}, each present only if the table has it and cfg matches the benchmark."""
+def _normalised(name: str, value):
+    if name == "builtin_spec":  # {} and {"seed": 0} are the same dataset
+        with contextlib.suppress(TypeError):
+            return dataclasses.asdict(BuiltinSpec(**value))
+    return value
+
+
+def _same(a, b) -> bool:
+    numbers = [isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)]
+    if all(numbers):  # 10 and 10.0 are the same percent; a float that went through text may lose its last bit
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    return a == b
+
+
+def recipe_difference(cfg: Config, other: Config, ignore: tuple[str, ...] = ()) -> str | None:
+    """The first setting that changes what is trained where cfg differs from other, as "lr: 0.05 vs 0.02"
+    (cfg's value first; a dict setting names its first differing key), or None when the recipes are the same.
+    RECIPE_EXEMPT and `ignore` are left out."""
+    for f in dataclasses.fields(Config):
+        if f.name in RECIPE_EXEMPT or f.name in ignore:
+            continue
+        mine, theirs = (_normalised(f.name, getattr(c, f.name)) for c in (cfg, other))
+        if _same(mine, theirs):
+            continue
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            key = next(k for k in sorted({*mine, *theirs})
+                       if (k in mine) != (k in theirs) or not _same(mine[k], theirs[k]))
+            unset = "(not set)"
+            return f"{f.name}.{key}: {mine.get(key, unset)!r} vs {theirs.get(key, unset)!r}"
+        return f"{f.name}: {mine!r} vs {theirs!r}"
+    return None
+
+
+def table_references(cfg: Config, path: str | Path = RESULTS_JSON) -> TableReferences:
+    """The table's rows of run `cfg`'s recipe: {"supervised": the supervised row of cfg's detector and fraction,
+    "full": supervised at 100% (only alongside "supervised": the other end of its gap), "method": cfg's own row
+    (teacher AP)}, each present only if the table has it and its recipe is cfg's; and for each row with results
+    that is not quoted, why."""
     results = load_results(path)
-    if results is None or not comparable(cfg, results):
-        return {}
-    found = {
-        "supervised": _row(results, f"supervised_{cfg.detector}_{cfg.percent:g}pct", "student"),
-        "full": _row(results, f"supervised_{cfg.detector}_100pct", "student"),
-        "method": (_row(results, f"{cfg.method}_{cfg.detector}", "teacher") if cfg.method != "supervised"
-                   else None),
-    }
-    return {key: value for key, value in found.items() if value is not None}
+    if results is None:
+        return TableReferences({}, {})
+    candidates = {"supervised": (f"supervised_{cfg.detector}_{cfg.percent:g}pct", "student", METHOD_ONLY),
+                  "full": (f"supervised_{cfg.detector}_100pct", "student", (*METHOD_ONLY, "percent"))}
+    if cfg.method != "supervised":
+        candidates["method"] = (f"{cfg.method}_{cfg.detector}", "teacher", ())
+    references, not_quoted = {}, {}
+    for key, (name, model, ignore) in candidates.items():
+        reference = _row(results, name, model)
+        if reference is None:
+            continue
+        other = row_config(results, results["rows"][name])
+        difference = other if isinstance(other, str) else recipe_difference(cfg, other, ignore)
+        if difference is None:
+            references[key] = reference
+        elif isinstance(other, str):
+            not_quoted[key] = other
+        else:
+            not_quoted[key] = f"this run's recipe differs from the benchmark's ({difference})"
+    if "supervised" not in references:
+        references.pop("full", None)
+    return TableReferences(references, not_quoted)
+
+
+def baseline_for(cfg: Config, path: str | Path = RESULTS_JSON) -> dict[str, Reference]:
+    """`table_references(cfg, path).references`: the rows of cfg's recipe, by "supervised", "full", "method"."""
+    return table_references(cfg, path).references
 
 
 def format_reference(reference: Reference) -> str:

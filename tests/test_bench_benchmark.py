@@ -87,13 +87,29 @@ def test_a_loss_beyond_twice_the_pooled_std_is_named_as_one(tmp_path):
     assert "-3.0 (below supervised, beyond noise)" in text
 
 
+def results_table(path, max_iter: int = 800, *, argv: bool = True):
+    """A RESULTS.json at `path` as bench/benchmark.py writes it: three Faster R-CNN rows with their `argv`."""
+    commands = benchmark.rows(10.0, max_iter, ablations=False)
+    means = {"supervised_faster_rcnn_10pct": ("student", 30.0, 1.5),
+             "supervised_faster_rcnn_100pct": ("student", 50.0, 0.5),
+             "soft_teacher_faster_rcnn": ("teacher", 40.0, 1.0)}
+    rows = {}
+    for name, (model, mean, std) in means.items():
+        command = commands[name]
+        rows[name] = {"method": command[command.index("--method") + 1],
+                      "detector": command[command.index("--detector") + 1],
+                      "percent": float(command[command.index("--percent") + 1]), "seeds": [0, 1, 2],
+                      f"{model}_mean": mean, f"{model}_std": std} | ({"argv": command} if argv else {})
+    path.write_text(json.dumps({"percent": 10.0, "max_iter": max_iter, "dataset_seed": 0, "rows": rows}))
+    return path
+
+
+def quoted(argv: list[str], path) -> set[str]:
+    return set(results_module.baseline_for(parse_config(argv), path))
+
+
 def test_train_quotes_the_baseline_of_the_same_preset_only(tmp_path):
-    table = {"percent": 10.0, "max_iter": 800, "dataset_seed": 0, "rows": {
-        "supervised_faster_rcnn_10pct": {"seeds": [0, 1, 2], "student_mean": 30.0, "student_std": 1.5},
-        "supervised_faster_rcnn_100pct": {"seeds": [0, 1, 2], "student_mean": 50.0, "student_std": 0.5},
-        "soft_teacher_faster_rcnn": {"seeds": [0, 1, 2], "teacher_mean": 40.0, "teacher_std": 1.0}}}
-    path = tmp_path / "RESULTS.json"
-    path.write_text(json.dumps(table))
+    path = results_table(tmp_path / "RESULTS.json")
     cfg = parse_config(["--method", "soft_teacher", "--max-iter", "800"])
     found = results_module.baseline_for(cfg, path)
     assert found["supervised"].mean == 30.0 and found["full"].mean == 50.0 and found["method"].mean == 40.0
@@ -107,3 +123,68 @@ def test_train_quotes_the_baseline_of_the_same_preset_only(tmp_path):
     assert results_module.baseline_for(cfg, tmp_path / "missing.json") == {}
     one_seed = results_module.Reference("x", 30.0, math.nan, 1)
     assert results_module.format_reference(one_seed) == "30.0 AP over 1 seed(s)"
+
+
+def test_train_quotes_a_row_only_for_the_same_recipe(tmp_path):
+    path = results_table(tmp_path / "RESULTS.json")
+    method = ["--method", "soft_teacher", "--max-iter", "800"]
+    # Another learning rate changes every row's recipe, and the reason names the first differing setting.
+    assert quoted([*method, "--lr", "0.05"], path) == set()
+    table = results_module.table_references(parse_config([*method, "--lr", "0.05"]), path)
+    assert "lr: 0.05 vs 0.02" in table.not_quoted["supervised"] and "lr: 0.05 vs 0.02" in table.not_quoted["method"]
+    assert quoted([*method, "--labeled-batch", "4"], path) == set()
+    assert quoted([*method, "--train-sizes", "128"], path) == set()
+    # A method setting changes the method's row only: the supervised rows do not read it.
+    assert quoted([*method, "--method-args", "cls_score_thr=0.5"], path) == {"supervised", "full"}
+    table = results_module.table_references(parse_config([*method, "--method-args", "cls_score_thr=0.5"]), path)
+    assert "method_args.cls_score_thr: 0.5 vs 0.7" in table.not_quoted["method"]
+    # What does not change the training: the seed, the evaluations along the way, threads, the output folder.
+    assert quoted([*method, "--seed", "7", "--eval-period", "50", "--eval-max-images", "20", "--threads", "1",
+                   "--output-dir", str(tmp_path / "run"), "--builtin-spec", "seed=0"], path) == {
+        "supervised", "full", "method"}
+    # A supervised run with its detector's preset gets the supervised rows, at 100% as well.
+    assert quoted(["--method", "supervised", "--detector", "faster_rcnn", "--max-iter", "800"], path) == {
+        "supervised", "full"}
+    assert quoted(["--method", "supervised", "--detector", "faster_rcnn", "--max-iter", "800", "--percent", "100"],
+                  path) == {"supervised", "full"}
+    assert quoted(["--method", "supervised", "--detector", "faster_rcnn", "--max-iter", "800", "--lr", "0.01"],
+                  path) == set()
+
+
+def test_rows_without_a_readable_command_line_are_not_quoted(tmp_path):
+    cfg = parse_config(["--method", "soft_teacher", "--max-iter", "800"])
+    old = results_table(tmp_path / "old.json", argv=False)  # a table from before the rows stored their argv
+    assert results_module.baseline_for(cfg, old) == {}
+    assert "command line" in results_module.table_references(cfg, old).not_quoted["supervised"]
+    broken = results_table(tmp_path / "broken.json")
+    table = json.loads(broken.read_text())
+    table["rows"]["soft_teacher_faster_rcnn"]["argv"] += ["--no-such-flag", "1"]
+    table["rows"]["supervised_faster_rcnn_10pct"]["argv"] = "--method supervised"
+    broken.write_text(json.dumps(table))
+    assert results_module.baseline_for(cfg, broken) == {}  # no 10% baseline: the 100% row is not quoted alone
+
+
+def test_the_main_job_quotes_every_row_of_the_repository_table():
+    found = results_module.baseline_for(parse_config(["--method", "soft_teacher", "--percent", "10"]))
+    assert set(found) == {"supervised", "full", "method"}
+    assert found["method"].row == "soft_teacher_faster_rcnn" and found["full"].row == "supervised_faster_rcnn_100pct"
+
+
+def test_the_table_records_extra_flags_and_split_folds(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "run_all", lambda *a, **k: pytest.fail("--report-only ran something"))
+    out, doc = tmp_path / "runs", tmp_path / "docs" / "RESULTS"
+    fill(out, "supervised_faster_rcnn_10pct", [0.30, 0.32, 0.34])
+    fill(out, "supervised_faster_rcnn_100pct", [0.50, 0.50, 0.50])
+    benchmark.main(["--report-only", "--rows", "supervised_faster_rcnn", "--max-iter", "800", "--out", str(out),
+                    "--doc", str(doc), "--extra", "--lr 0.05"])
+    path = doc.with_suffix(".json")
+    assert json.loads(path.read_text())["rows"]["supervised_faster_rcnn_10pct"]["argv"][-2:] == ["--lr", "0.05"]
+    # A run of the preset's lr is not the recipe that table measured; one at 0.05 is.
+    supervised = ["--method", "supervised", "--detector", "faster_rcnn", "--max-iter", "800"]
+    assert quoted(supervised, path) == set()
+    assert quoted([*supervised, "--lr", "0.05"], path) == {"supervised", "full"}
+    # With --vary-fold every seed trained on another labeled split: no single run's split matches the rows.
+    benchmark.main(["--report-only", "--rows", "supervised_faster_rcnn", "--max-iter", "800", "--out", str(out),
+                    "--doc", str(doc), "--extra", "--lr 0.05", "--vary-fold"])
+    assert json.loads(path.read_text())["vary_fold"] is True
+    assert quoted([*supervised, "--lr", "0.05"], path) == set()
