@@ -27,7 +27,7 @@ from data.coco import CategoryMismatchError, CocoDetection
 from data.loader import build_val_loader, collate
 from data.transforms import build_eval_transform
 from engine.checkpoint import load_checkpoint, load_model_state
-from engine.config import Config, check_dataset_files, dataset_files, detector_kwargs
+from engine.config import Config, DatasetFiles, check_dataset_files, dataset_files, detector_kwargs
 from engine.evaluation import evaluate, evaluate_multiscale, load_coco
 from engine.visualize import save_boxes
 from structures import warp_boxes
@@ -62,6 +62,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def validation_set(cfg: Config, meta: dict, *, path: Path) -> tuple[DatasetFiles, CocoDetection]:
+    """The validation set of a checkpoint's run at its test size, with the checkpoint's label map (labels must
+    mean what they meant in training), and the dataset's files. Unreadable images are left out of the scoring
+    (substitute=False), never replaced by another image. meta: the checkpoint's "meta"; path names it in errors."""
+    files = dataset_files(cfg)
+    check_dataset_files(cfg, files, names=("val_json", "val_images"))
+    categories = [{"id": i, "name": n} for i, n in zip(meta["category_ids"], meta["class_names"])]
+    try:
+        val = CocoDetection(files.val_json, files.val_images, categories=categories, substitute=False,
+                            transform=build_eval_transform(cfg.test_size, cfg.test_max_size))
+    except CategoryMismatchError as error:
+        raise ValueError(f"checkpoint {path} was trained on {meta['num_classes']} classes, which the val "
+                         f"annotations do not match: {error}") from None
+    return files, val
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count())
@@ -85,18 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_model_state(detector.model, weights, path=path, what=which)
     detector.model.to(device).eval()
 
-    # The validation set, with the checkpoint's label map (labels must mean what they meant in training).
-    # Unreadable images are left out of the scoring (substitute=False), never replaced by another image.
-    files = dataset_files(cfg)
-    check_dataset_files(cfg, files, names=("val_json", "val_images"))
-    categories = [{"id": i, "name": n} for i, n in zip(meta["category_ids"], meta["class_names"])]
-
-    try:
-        val = CocoDetection(files.val_json, files.val_images, categories=categories, substitute=False,
-                            transform=build_eval_transform(cfg.test_size, cfg.test_max_size))  # the drawings' view
-    except CategoryMismatchError as error:
-        raise ValueError(f"checkpoint {path} was trained on {meta['num_classes']} classes, which the val "
-                         f"annotations do not match: {error}") from None
+    files, val = validation_set(cfg, meta, path=path)  # at the test size: the drawings' view
     found = val.check_images(skip_missing=args.skip_missing)  # every file's header, before the model runs
     print(f"checked the {found.checked} val image files in {found.seconds:.1f} s", flush=True)
 
