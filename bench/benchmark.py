@@ -141,7 +141,39 @@ def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], see
             row[f"{model}_worse"] = bool(gain < -2 * pooled) if not math.isnan(pooled) else None  # a loss that counts
             if "student_mean" in high and high["student_mean"] > low["student_mean"]:
                 row[f"{model}_gap_closed"] = gain / (high["student_mean"] - low["student_mean"])
+    for name, row in summary.items():  # an ablation against its method's full row, by the same two-std rule
+        full = summary.get(f"{row['method']}_{row['detector']}", {})
+        if row["method"] == "supervised" or name == f"{row['method']}_{row['detector']}":
+            continue
+        row["ablation_of"] = f"{row['method']}_{row['detector']}"
+        model = "teacher" if "teacher_mean" in row else "student"
+        if f"{model}_mean" not in row or f"{model}_mean" not in full:
+            continue
+        change = row[f"{model}_mean"] - full[f"{model}_mean"]
+        pooled = math.sqrt((row[f"{model}_std"] ** 2 + full[f"{model}_std"] ** 2) / 2)
+        row["ablation_change"] = change
+        row["ablation_counts"] = bool(abs(change) > 2 * pooled) if not math.isnan(pooled) else None
     return summary
+
+
+def ablation_lines(summary: dict[str, dict]) -> list[str]:
+    """The papers' ablations in miniature: each switched-off part against its method's full row (teacher AP)."""
+    rows = [(name, row) for name, row in summary.items() if "ablation_of" in row]
+    if not rows:
+        return []
+    lines = ["", "## Ablations", "",
+             "Each row turns one part of a method off (or changes one setting); the change is its teacher's mean AP "
+             "minus the full method's, and it counts where it exceeds twice their pooled std.", "",
+             "| ablation | of | seeds | teacher AP | full method | change |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, row in rows:
+        full = summary[row["ablation_of"]]
+        change = ""
+        if "ablation_change" in row:
+            verdict = {None: "", True: " (counts)", False: " (within noise)"}[row["ablation_counts"]]
+            change = f"{row['ablation_change']:+.1f}{verdict}"
+        lines.append(f"| {name} | {row['ablation_of']} | {len(row['seeds'])} | {_cell(row, 'teacher')} | "
+                     f"{_cell(full, 'teacher')} | {change} |")
+    return lines
 
 
 def _cell(row: dict, model: str) -> str:
@@ -195,7 +227,7 @@ def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine
     if short:
         header += [f"Incomplete: {len(short)} of {len(summary)} rows have fewer than {seeds} seeds (a row without "
                    f"seeds has not run). A figure of such a row, and a gain against it, is not a claim.", ""]
-    return "\n".join(header + lines) + "\n"
+    return "\n".join(header + lines + ablation_lines(summary)) + "\n"
 
 
 def bar_chart(summary: dict[str, dict], path: Path) -> bool:

@@ -87,6 +87,28 @@ def test_a_loss_beyond_twice_the_pooled_std_is_named_as_one(tmp_path):
     assert "-3.0 (below supervised, beyond noise)" in text
 
 
+def test_an_ablation_is_reported_against_its_full_method(tmp_path):
+    out, doc = tmp_path / "runs", tmp_path / "RESULTS"
+    fill(out, "supervised_faster_rcnn_10pct", [0.30, 0.31, 0.32])
+    fill(out, "supervised_faster_rcnn_100pct", [0.50, 0.50, 0.50])
+    fill(out, "soft_teacher_faster_rcnn", [0.38, 0.40, 0.42], teacher=[0.40, 0.41, 0.42])
+    fill(out, "soft_teacher_faster_rcnn_no_bg_weighting", [0.33, 0.34, 0.35], teacher=[0.34, 0.35, 0.36])
+    fill(out, "soft_teacher_faster_rcnn_no_box_jitter", [0.38, 0.40, 0.42], teacher=[0.39, 0.41, 0.43])
+    benchmark.main(["--report-only", "--ablations", "--rows", "faster_rcnn", "--max-iter", str(MAX_ITER),
+                    "--out", str(out), "--doc", str(doc)])
+    rows = json.loads(doc.with_suffix(".json").read_text())["rows"]
+    bg, jitter = rows["soft_teacher_faster_rcnn_no_bg_weighting"], rows["soft_teacher_faster_rcnn_no_box_jitter"]
+    assert bg["ablation_of"] == jitter["ablation_of"] == "soft_teacher_faster_rcnn"
+    assert bg["ablation_change"] == pytest.approx(-6.0) and bg["ablation_counts"] is True  # 2 x pooled 1.0 = 2.0
+    assert jitter["ablation_change"] == pytest.approx(0.0) and jitter["ablation_counts"] is False
+    assert "ablation_of" not in rows["soft_teacher_faster_rcnn"]
+    assert "ablation_of" not in rows["supervised_faster_rcnn_10pct"]
+    text = doc.with_suffix(".md").read_text()
+    assert "| soft_teacher_faster_rcnn_no_bg_weighting | soft_teacher_faster_rcnn | 3 | 35.0 ± 1.0 | 41.0 ± 1.0 | " \
+           "-6.0 (counts) |" in text
+    assert "+0.0 (within noise)" in text
+
+
 def results_table(path, max_iter: int = 800, *, argv: bool = True):
     """A RESULTS.json at `path` as bench/benchmark.py writes it: three Faster R-CNN rows with their `argv`."""
     commands = benchmark.rows(10.0, max_iter, ablations=False)
