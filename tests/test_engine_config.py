@@ -24,7 +24,7 @@ def test_builtin_schedules_scale_with_max_iter():
     # run, so that any --max-iter scales them.
     from engine.config import BENCHMARK_ITERATIONS, BUILTIN_ITERATIONS
 
-    assert BUILTIN_ITERATIONS == BENCHMARK_ITERATIONS == 600
+    assert BUILTIN_ITERATIONS == BENCHMARK_ITERATIONS == 1200
     main = parse_config(["--method", "soft_teacher"])
     assert main.max_iter == BUILTIN_ITERATIONS and main.backbone_pretrain == "glyphs"
     assert main.method_args["burn_in"] == round(BUILTIN_ITERATIONS / 4)
