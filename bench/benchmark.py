@@ -23,7 +23,8 @@ reports, per row, the mean +- sample std of the final AP over the seeds (student
 methods), the share of the gap between the supervised runs at the headline fraction and at 100% that the
 method closes, and whether the gain over supervised training exceeds twice the pooled std (the bar a gain
 must pass to count). It writes <doc>.md, <doc>.json (what `train.py` quotes as the baseline) and a bar chart
-with error bars, <doc>.png (with matplotlib installed).
+with error bars, <doc>.png (with matplotlib installed). With --ablations, a second table gives each ablation's
+teacher AP against its method's full row, by the same two-std rule.
 """
 
 import argparse
@@ -103,6 +104,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
+def compare(mean: float, std: float, base_mean: float, base_std: float) -> tuple[float, bool | None, bool | None]:
+    """(difference, a gain that counts, a loss that counts): beyond twice the pooled std of the two rows."""
+    difference, pooled = mean - base_mean, math.sqrt((std ** 2 + base_std ** 2) / 2)
+    if math.isnan(pooled):  # a row of one seed has no spread to judge by
+        return difference, None, None
+    return difference, difference > 2 * pooled, difference < -2 * pooled
+
+
 def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], seeds: list[int],
               percent: float) -> dict[str, dict]:
     """Per row: {"detector", "method", "percent", "seeds", "student": [AP...], "teacher": [AP...], ...stats}."""
@@ -134,11 +143,9 @@ def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], see
         for model in ("student", "teacher"):
             if f"{model}_mean" not in row:
                 continue
-            gain = row[f"{model}_mean"] - low["student_mean"]
-            pooled = math.sqrt((row[f"{model}_std"] ** 2 + low["student_std"] ** 2) / 2)
-            row[f"{model}_gain"] = gain
-            row[f"{model}_significant"] = bool(gain > 2 * pooled) if not math.isnan(pooled) else None
-            row[f"{model}_worse"] = bool(gain < -2 * pooled) if not math.isnan(pooled) else None  # a loss that counts
+            gain, better, worse = compare(row[f"{model}_mean"], row[f"{model}_std"], low["student_mean"],
+                                          low["student_std"])
+            row[f"{model}_gain"], row[f"{model}_significant"], row[f"{model}_worse"] = gain, better, worse
             if "student_mean" in high and high["student_mean"] > low["student_mean"]:
                 row[f"{model}_gap_closed"] = gain / (high["student_mean"] - low["student_mean"])
     for name, row in summary.items():  # an ablation against its method's full row, by the same two-std rule
@@ -149,10 +156,10 @@ def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], see
         model = "teacher" if "teacher_mean" in row else "student"
         if f"{model}_mean" not in row or f"{model}_mean" not in full:
             continue
-        change = row[f"{model}_mean"] - full[f"{model}_mean"]
-        pooled = math.sqrt((row[f"{model}_std"] ** 2 + full[f"{model}_std"] ** 2) / 2)
+        change, better, worse = compare(row[f"{model}_mean"], row[f"{model}_std"], full[f"{model}_mean"],
+                                        full[f"{model}_std"])
         row["ablation_change"] = change
-        row["ablation_counts"] = bool(abs(change) > 2 * pooled) if not math.isnan(pooled) else None
+        row["ablation_counts"] = None if better is None else better or worse
     return summary
 
 
@@ -166,7 +173,7 @@ def ablation_lines(summary: dict[str, dict]) -> list[str]:
              "minus the full method's, and it counts where it exceeds twice their pooled std.", "",
              "| ablation | of | seeds | teacher AP | full method | change |", "| --- | --- | --- | --- | --- | --- |"]
     for name, row in rows:
-        full = summary[row["ablation_of"]]
+        full = summary.get(row["ablation_of"], {})  # --rows may leave the full method out
         change = ""
         if "ablation_change" in row:
             verdict = {None: "", True: " (counts)", False: " (within noise)"}[row["ablation_counts"]]
