@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 from data.synthetic import BuiltinSpec
 from engine.config import Config, parse_config
+from engine.pretrain import PretrainSpec, weights_path
 
 RESULTS_JSON = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.json"
 
@@ -103,6 +104,17 @@ def row_config(results: dict, row: dict) -> Config | str:
         return f"a row's command line no longer parses ({detail})"
 
 
+def _setting(cfg: Config, name: str):
+    """cfg's value of a setting as a recipe. A run fills backbone_weights in with the generated pretraining's
+    cached file (wherever SSOD_CACHE puts it) where a row's command line leaves it empty: that file stands for
+    the preset's own pretraining. Its name holds the pretraining's fingerprint; other weights stay a setting."""
+    value = getattr(cfg, name)
+    if name == "backbone_weights" and cfg.backbone_pretrain and value \
+            and Path(value).name == weights_path(PretrainSpec(arch=cfg.backbone)).name:
+        return ""
+    return value
+
+
 def _normalised(name: str, value):
     if name == "builtin_spec":  # {} and {"seed": 0} are the same dataset
         with contextlib.suppress(TypeError):
@@ -128,7 +140,7 @@ def recipe_difference(cfg: Config, other: Config, ignore: tuple[str, ...] = ()) 
     for f in dataclasses.fields(Config):
         if f.name in RECIPE_EXEMPT or f.name in ignore:
             continue
-        mine, theirs = (_normalised(f.name, getattr(c, f.name)) for c in (cfg, other))
+        mine, theirs = (_normalised(f.name, _setting(c, f.name)) for c in (cfg, other))
         if _same(mine, theirs):
             continue
         if isinstance(mine, dict) and isinstance(theirs, dict):

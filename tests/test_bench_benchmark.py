@@ -173,6 +173,19 @@ def test_train_quotes_a_row_only_for_the_same_recipe(tmp_path):
                   path) == set()
 
 
+def test_a_run_with_the_generated_pretraining_filled_in_is_the_same_recipe(tmp_path):
+    # train.py fills backbone_weights in with the cached glyph pretraining (wherever SSOD_CACHE puts it); the
+    # rows' command lines leave it empty. Other weights remain another recipe.
+    from engine.pretrain import PretrainSpec, weights_path
+    path = results_table(tmp_path / "RESULTS.json")
+    cfg = parse_config(["--method", "soft_teacher", "--max-iter", "800"])
+    cfg.backbone_weights = str(weights_path(PretrainSpec(arch=cfg.backbone), tmp_path / "elsewhere"))
+    assert set(results_module.baseline_for(cfg, path)) == {"supervised", "full", "method"}
+    cfg.backbone_weights = str(tmp_path / "imagenet_resnet18.pth")
+    table = results_module.table_references(cfg, path)
+    assert table.references == {} and "backbone_weights" in table.not_quoted["supervised"]
+
+
 def test_rows_without_a_readable_command_line_are_not_quoted(tmp_path):
     cfg = parse_config(["--method", "soft_teacher", "--max-iter", "800"])
     old = results_table(tmp_path / "old.json", argv=False)  # a table from before the rows stored their argv
