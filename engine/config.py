@@ -251,7 +251,7 @@ class ProcessBatch(NamedTuple):
 # The built-in benchmark's schedule: the main job (`python train.py --method soft_teacher --percent 10`) is one
 # row of the results table (docs/RESULTS.md, `bench/benchmark.py`). Every schedule setting of the preset is a
 # fraction of max_iter, so any --max-iter scales the whole run. 1200 iterations: at 600 neither method beat
-# supervised training over three seeds, at 1200 Soft Teacher does (docs/BENCHMARK.md, "The schedule").
+# supervised training over three seeds, at 1200 Soft Teacher does (docs/BENCHMARK.md, "The preset").
 BUILTIN_ITERATIONS = 1200
 BENCHMARK_ITERATIONS = BUILTIN_ITERATIONS
 BUILTIN_PERCENT = 10.0  # the headline label fraction of the results table
