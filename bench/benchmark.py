@@ -149,10 +149,10 @@ def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], see
             if "student_mean" in high and high["student_mean"] > low["student_mean"]:
                 row[f"{model}_gap_closed"] = gain / (high["student_mean"] - low["student_mean"])
     for name, row in summary.items():  # an ablation against its method's full row, by the same two-std rule
-        full = summary.get(f"{row['method']}_{row['detector']}", {})
-        if row["method"] == "supervised" or name == f"{row['method']}_{row['detector']}":
+        parent = f"{row['method']}_{row['detector']}"
+        if row["method"] == "supervised" or name == parent:
             continue
-        row["ablation_of"] = f"{row['method']}_{row['detector']}"
+        row["ablation_of"], full = parent, summary.get(parent, {})
         model = "teacher" if "teacher_mean" in row else "student"
         if f"{model}_mean" not in row or f"{model}_mean" not in full:
             continue

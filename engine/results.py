@@ -104,21 +104,18 @@ def row_config(results: dict, row: dict) -> Config | str:
         return f"a row's command line no longer parses ({detail})"
 
 
-def _setting(cfg: Config, name: str):
-    """cfg's value of a setting as a recipe. A run fills backbone_weights in with the generated pretraining's
-    cached file (wherever SSOD_CACHE puts it) where a row's command line leaves it empty: that file stands for
-    the preset's own pretraining. Its name holds the pretraining's fingerprint; other weights stay a setting."""
+def _recipe_value(cfg: Config, name: str):
+    """cfg's value of a setting, as the recipe it stands for. {} and {"seed": 0} are the same built-in dataset. A
+    run fills backbone_weights in with the generated pretraining's cached file (wherever SSOD_CACHE puts it)
+    where a row's command line leaves it empty: that file, named by the pretraining's fingerprint, stands for the
+    preset's own pretraining; other weights stay a setting."""
     value = getattr(cfg, name)
+    if name == "builtin_spec":
+        with contextlib.suppress(TypeError):
+            return dataclasses.asdict(BuiltinSpec(**value))
     if name == "backbone_weights" and cfg.backbone_pretrain and value \
             and Path(value).name == weights_path(PretrainSpec(arch=cfg.backbone)).name:
         return ""
-    return value
-
-
-def _normalised(name: str, value):
-    if name == "builtin_spec":  # {} and {"seed": 0} are the same dataset
-        with contextlib.suppress(TypeError):
-            return dataclasses.asdict(BuiltinSpec(**value))
     return value
 
 
@@ -140,7 +137,7 @@ def recipe_difference(cfg: Config, other: Config, ignore: tuple[str, ...] = ()) 
     for f in dataclasses.fields(Config):
         if f.name in RECIPE_EXEMPT or f.name in ignore:
             continue
-        mine, theirs = (_normalised(f.name, _setting(c, f.name)) for c in (cfg, other))
+        mine, theirs = (_recipe_value(c, f.name) for c in (cfg, other))
         if _same(mine, theirs):
             continue
         if isinstance(mine, dict) and isinstance(theirs, dict):
