@@ -18,7 +18,11 @@ measures training noise; `--vary-fold` gives seed s the fold s as well, and `--d
 of the whole dataset.
 
 Every run lives in its own folder, <out>/<row>/seed<s>/; a finished run is not run again and an interrupted
-one resumes from its last checkpoint, so the command can be repeated or extended at any time. The table
+one resumes from its last checkpoint, so the command can be repeated or extended at any time. A seed whose run
+is not in <out> (another machine ran it, or its folder was deleted) keeps the figures that <doc>.json recorded
+for it, when that file measured the same benchmark and the row the same command line; the table marks such
+rows with a * and names the machine they were measured on. So `--rows` adds rows to the table, and never
+drops the others. The table
 reports, per row, the mean +- sample std of the final AP over the seeds (student, and teacher for the
 methods), the share of the gap between the supervised runs at the headline fraction and at 100% that the
 method closes, and whether the gain over supervised training exceeds twice the pooled std (the bar a gain
@@ -112,18 +116,57 @@ def compare(mean: float, std: float, base_mean: float, base_std: float) -> tuple
     return difference, difference > 2 * pooled, difference < -2 * pooled
 
 
+def previous_table(path: Path, *, percent: float, max_iter: int, dataset_seed: int, vary_fold: bool) -> dict:
+    """The table already written at `path` (a <doc>.json), if it measured the same benchmark (headline fraction,
+    schedule, dataset seed and folds), else {}: its rows keep the per-seed figures of runs no longer on disk."""
+    try:
+        table = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"bench/benchmark.py: cannot read the previous table {path}: {error}")
+    same = (table.get("percent") == percent and table.get("max_iter") == max_iter
+            and table.get("dataset_seed", 0) == dataset_seed and table.get("vary_fold", False) == vary_fold)
+    return table if same and isinstance(table.get("rows"), dict) else {}
+
+
+def carried_seed(previous: dict, argv: list[str], seed: int) -> dict | None:
+    """Seed `seed` of a previous table's row, if that row ran the same command line:
+    {"student": AP or None, "teacher": AP or None, "minutes": float}."""
+    if previous.get("argv") != argv or seed not in previous.get("seeds", []):
+        return None
+    i = previous["seeds"].index(seed)
+
+    def at(key: str):
+        values = previous.get(key, [])
+        return values[i] if i < len(values) else None
+    return {"student": at("student"), "teacher": at("teacher"), "minutes": at("minutes")}
+
+
 def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], seeds: list[int],
-              percent: float) -> dict[str, dict]:
-    """Per row: {"detector", "method", "percent", "seeds", "student": [AP...], "teacher": [AP...], ...stats}."""
-    summary = {}
+              percent: float, previous: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Per row: {"detector", "method", "percent", "seeds", "student": [AP...], "teacher": [AP...], ...stats}.
+
+    A seed whose run is not under the output folder takes its figures from `previous` (the rows of the table
+    written before, `previous_table`) when that row ran the same command line; its row lists it in "carried"."""
+    summary, previous = {}, previous or {}
     for name, argv in runs.items():
         method, detector = argv[argv.index("--method") + 1], argv[argv.index("--detector") + 1]
         row_percent = float(argv[argv.index("--percent") + 1])
         row = {"method": method, "detector": detector, "percent": row_percent, "argv": argv,
-               "seeds": [], "student": [], "teacher": [], "minutes": []}
+               "seeds": [], "student": [], "teacher": [], "minutes": [], "carried": []}
         for seed in seeds:
             result = final_metrics(dirs[name, seed])
             if not result:
+                kept = carried_seed(previous.get(name, {}), argv, seed)
+                if kept is None or kept["student"] is None:
+                    continue
+                row["seeds"].append(seed)
+                row["carried"].append(seed)
+                for model in ("student", "teacher"):
+                    if kept[model] is not None:
+                        row[model].append(kept[model])
+                row["minutes"].append(kept["minutes"] if kept["minutes"] is not None else float("nan"))
                 continue
             row["seeds"].append(seed)
             for model in ("student", "teacher"):
@@ -178,7 +221,8 @@ def ablation_lines(summary: dict[str, dict]) -> list[str]:
         if "ablation_change" in row:
             verdict = {None: "", True: " (counts)", False: " (within noise)"}[row["ablation_counts"]]
             change = f"{row['ablation_change']:+.1f}{verdict}"
-        lines.append(f"| {name} | {row['ablation_of']} | {len(row['seeds'])} | {_cell(row, 'teacher')} | "
+        star = "*" if row.get("carried") else ""
+        lines.append(f"| {name} | {row['ablation_of']} | {len(row['seeds'])}{star} | {_cell(row, 'teacher')} | "
                      f"{_cell(full, 'teacher')} | {change} |")
     return lines
 
@@ -208,8 +252,10 @@ def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine
             gain = f"{row[f'{model}_gain']:+.1f}{mark}"
         if f"{model}_gap_closed" in row:
             gap = f"{100 * row[f'{model}_gap_closed']:.0f}%"
-        minutes = f"{statistics.median(row['minutes']):.0f}" if row.get("minutes") else "-"
-        lines.append(f"| {name} | {row['detector']} | {row['percent']:g}% | {len(row['seeds'])} | "
+        timed = [m for m in row.get("minutes", []) if not math.isnan(m)]
+        minutes = f"{statistics.median(timed):.0f}" if timed else "-"
+        star = "*" if row.get("carried") else ""
+        lines.append(f"| {name} | {row['detector']} | {row['percent']:g}% | {len(row['seeds'])}{star} | "
                      f"{_cell(row, 'student')} | {_cell(row, 'teacher')} | {gain} | {gap} | {minutes} |")
     header = [
         "# Results on the built-in benchmark",
@@ -230,6 +276,11 @@ def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine
         f"Machine: {machine}.",
         "",
     ]
+    carried = sorted({row["carried_machine"] for row in summary.values() if row.get("carried")})
+    if carried:
+        header += [f"Seeds marked * were measured for an earlier writing of this table and carried over, since "
+                   f"their runs are not in the output folder (same command lines; measured on: "
+                   f"{'; '.join(carried)}).", ""]
     short = [name for name, row in summary.items() if len(row["seeds"]) < seeds]
     if short:
         header += [f"Incomplete: {len(short)} of {len(summary)} rows have fewer than {seeds} seeds (a row without "
@@ -321,7 +372,18 @@ def main(argv: list[str] | None = None) -> None:
     # A row records the train.py flags of its runs, --extra's included, so that a run can tell whether it
     # trained the same recipe (engine/results.py); the seed and the fold are per run, the dataset seed per table.
     recorded = {name: [*argv, *shlex.split(args.extra)] for name, argv in runs.items()}
-    summary = summarise(recorded, dirs, seeds, args.percent)
+    # Rows measured before and not run by this call keep their place in the table (`previous_table`).
+    previous = previous_table(doc.with_suffix(".json"), percent=args.percent, max_iter=args.max_iter,
+                              dataset_seed=args.dataset_seed, vary_fold=args.vary_fold)
+    previous_rows = previous.get("rows", {})
+    every = rows(args.percent, args.max_iter, ablations=True)
+    recorded = {name: recorded.get(name, [*argv, *shlex.split(args.extra)]) for name, argv in every.items()
+                if name in recorded or previous_rows.get(name, {}).get("argv") == [*argv, *shlex.split(args.extra)]}
+    dirs = {(name, seed): out / name / f"seed{seed}" for name in recorded for seed in seeds}  # finished runs win
+    summary = summarise(recorded, dirs, seeds, args.percent, previous_rows)
+    for name, row in summary.items():
+        if row["carried"]:
+            row["carried_machine"] = previous_rows[name].get("carried_machine") or previous.get("machine", "unknown")
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, {args.jobs} run(s) at a time with {threads} torch "
                f"thread(s) each")
     text = markdown(summary, percent=args.percent, max_iter=args.max_iter, machine=machine,

@@ -223,3 +223,37 @@ def test_the_table_records_extra_flags_and_split_folds(tmp_path, monkeypatch):
                     "--doc", str(doc), "--extra", "--lr 0.05", "--vary-fold"])
     assert json.loads(path.read_text())["vary_fold"] is True
     assert quoted([*supervised, "--lr", "0.05"], path) == set()
+
+
+def test_rows_whose_runs_are_gone_keep_their_seeds_from_the_previous_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "run_all", lambda *a, **k: pytest.fail("--report-only ran something"))
+    first, later, doc = tmp_path / "first", tmp_path / "later", tmp_path / "RESULTS"
+    fill(first, "supervised_faster_rcnn_10pct", [0.30, 0.32, 0.34])
+    fill(first, "supervised_faster_rcnn_100pct", [0.50, 0.50, 0.50])
+    benchmark.main(["--report-only", "--rows", "supervised_faster_rcnn", "--max-iter", str(MAX_ITER),
+                    "--out", str(first), "--doc", str(doc)])
+    # Another folder holds the method's runs and one more run of the 10% row (seed 2, now at 36).
+    fill(later, "soft_teacher_faster_rcnn", [0.38, 0.40, 0.42], teacher=[0.40, 0.42, 0.44])
+    finished_run(later / "supervised_faster_rcnn_10pct" / "seed2", max_iter=MAX_ITER, student_ap=0.36)
+    benchmark.main(["--report-only", "--rows", "soft_teacher_faster_rcnn", "--max-iter", str(MAX_ITER),
+                    "--out", str(later), "--doc", str(doc)])
+    rows = json.loads(doc.with_suffix(".json").read_text())["rows"]
+    sup = rows["supervised_faster_rcnn_10pct"]
+    assert sup["seeds"] == [0, 1, 2] and sup["carried"] == [0, 1]  # seed 2's run is on disk: it wins
+    assert sup["student"] == pytest.approx([30.0, 32.0, 36.0])
+    assert rows["supervised_faster_rcnn_100pct"]["carried"] == [0, 1, 2]
+    st = rows["soft_teacher_faster_rcnn"]
+    assert st["carried"] == [] and st["teacher_gain"] == pytest.approx(42.0 - sup["student_mean"])
+    assert "teacher_gap_closed" in st  # against the carried 100% row
+    text = doc.with_suffix(".md").read_text()
+    assert "| supervised_faster_rcnn_100pct | faster_rcnn | 100% | 3* |" in text
+    assert "| soft_teacher_faster_rcnn | faster_rcnn | 10% | 3 |" in text and "carried over" in text
+    # A row measured with other flags is another recipe: not carried into a table run without them.
+    benchmark.main(["--report-only", "--rows", "soft_teacher_faster_rcnn", "--max-iter", str(MAX_ITER),
+                    "--out", str(later), "--doc", str(doc), "--extra", "--lr 0.05"])
+    rows = json.loads(doc.with_suffix(".json").read_text())["rows"]
+    assert "supervised_faster_rcnn_100pct" not in rows and "carried over" not in doc.with_suffix(".md").read_text()
+    # Nor is a table of another schedule.
+    benchmark.main(["--report-only", "--rows", "soft_teacher_faster_rcnn", "--max-iter", str(MAX_ITER + 1),
+                    "--out", str(later), "--doc", str(doc)])
+    assert set(json.loads(doc.with_suffix(".json").read_text())["rows"]) == {"soft_teacher_faster_rcnn"}
