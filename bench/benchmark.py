@@ -276,7 +276,8 @@ def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine
         f"Machine: {machine}.",
         "",
     ]
-    carried = sorted({row["carried_machine"] for row in summary.values() if row.get("carried")})
+    carried = sorted({machine for row in summary.values() if row.get("carried")
+                      for machine in row["carried_machine"].split("; ")})
     if carried:
         header += [f"Seeds marked * were measured for an earlier writing of this table and carried over, since "
                    f"their runs are not in the output folder (same command lines; measured on: "
@@ -381,9 +382,12 @@ def main(argv: list[str] | None = None) -> None:
                 if name in recorded or previous_rows.get(name, {}).get("argv") == [*argv, *shlex.split(args.extra)]}
     dirs = {(name, seed): out / name / f"seed{seed}" for name in recorded for seed in seeds}  # finished runs win
     summary = summarise(recorded, dirs, seeds, args.percent, previous_rows)
-    for name, row in summary.items():
+    for name, row in summary.items():  # where the carried seeds were measured
         if row["carried"]:
-            row["carried_machine"] = previous_rows[name].get("carried_machine") or previous.get("machine", "unknown")
+            before = previous_rows[name]
+            machines = {before.get("carried_machine") if seed in before.get("carried", []) else
+                        previous.get("machine", "unknown") for seed in row["carried"]}
+            row["carried_machine"] = "; ".join(sorted(machines))
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, {args.jobs} run(s) at a time with {threads} torch "
                f"thread(s) each")
     text = markdown(summary, percent=args.percent, max_iter=args.max_iter, machine=machine,

@@ -248,6 +248,17 @@ def test_rows_whose_runs_are_gone_keep_their_seeds_from_the_previous_table(tmp_p
     text = doc.with_suffix(".md").read_text()
     assert "| supervised_faster_rcnn_100pct | faster_rcnn | 100% | 3* |" in text
     assert "| soft_teacher_faster_rcnn | faster_rcnn | 10% | 3 |" in text and "carried over" in text
+    # Carried again from a table written elsewhere, a seed keeps the machine that measured it.
+    written = json.loads(doc.with_suffix(".json").read_text())
+    written["machine"] = "another machine"
+    doc.with_suffix(".json").write_text(json.dumps(written))
+    benchmark.main(["--report-only", "--rows", "soft_teacher_faster_rcnn", "--max-iter", str(MAX_ITER),
+                    "--out", str(tmp_path / "empty"), "--doc", str(doc)])
+    rows = json.loads(doc.with_suffix(".json").read_text())["rows"]
+    assert set(rows["supervised_faster_rcnn_10pct"]["carried_machine"].split("; ")) == {"another machine",
+                                                                                     sup["carried_machine"]}
+    assert rows["supervised_faster_rcnn_100pct"]["carried_machine"] == sup["carried_machine"]
+    assert rows["soft_teacher_faster_rcnn"]["carried_machine"] == "another machine"
     # A row measured with other flags is another recipe: not carried into a table run without them.
     benchmark.main(["--report-only", "--rows", "soft_teacher_faster_rcnn", "--max-iter", str(MAX_ITER),
                     "--out", str(later), "--doc", str(doc), "--extra", "--lr 0.05"])
