@@ -130,9 +130,10 @@ def previous_table(path: Path, *, percent: float, max_iter: int, dataset_seed: i
     return table if same and isinstance(table.get("rows"), dict) else {}
 
 
-def carried_seed(previous: dict, argv: list[str], seed: int) -> dict | None:
+def carried_seed(previous: dict, argv: list[str], seed: int, machine: str) -> dict | None:
     """Seed `seed` of a previous table's row, if that row ran the same command line:
-    {"student": AP or None, "teacher": AP or None, "minutes": float}."""
+    {"student": AP or None, "teacher": AP or None, "minutes": float or None, "machine": where it ran}.
+    `machine` is the previous table's; a seed that table had itself carried keeps its own."""
     if previous.get("argv") != argv or seed not in previous.get("seeds", []):
         return None
     i = previous["seeds"].index(seed)
@@ -140,29 +141,35 @@ def carried_seed(previous: dict, argv: list[str], seed: int) -> dict | None:
     def at(key: str):
         values = previous.get(key, [])
         return values[i] if i < len(values) else None
-    return {"student": at("student"), "teacher": at("teacher"), "minutes": at("minutes")}
+    carried, sources = previous.get("carried", []), previous.get("carried_from", [])
+    if seed in carried and carried.index(seed) < len(sources):
+        machine = sources[carried.index(seed)]
+    return {"student": at("student"), "teacher": at("teacher"), "minutes": at("minutes"), "machine": machine}
 
 
 def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], seeds: list[int],
-              percent: float, previous: dict[str, dict] | None = None) -> dict[str, dict]:
+              percent: float, previous: dict | None = None) -> dict[str, dict]:
     """Per row: {"detector", "method", "percent", "seeds", "student": [AP...], "teacher": [AP...], ...stats}.
 
-    A seed whose run is not under the output folder takes its figures from `previous` (the rows of the table
-    written before, `previous_table`) when that row ran the same command line; its row lists it in "carried"."""
+    A seed whose run is not under the output folder takes its figures from `previous` (the table written
+    before, `previous_table`) when that row ran the same command line; its row lists it in "carried" and the
+    machine that measured it at the same place of "carried_from"."""
     summary, previous = {}, previous or {}
+    previous_rows, previous_machine = previous.get("rows", {}), previous.get("machine", "unknown")
     for name, argv in runs.items():
         method, detector = argv[argv.index("--method") + 1], argv[argv.index("--detector") + 1]
         row_percent = float(argv[argv.index("--percent") + 1])
         row = {"method": method, "detector": detector, "percent": row_percent, "argv": argv,
-               "seeds": [], "student": [], "teacher": [], "minutes": [], "carried": []}
+               "seeds": [], "student": [], "teacher": [], "minutes": [], "carried": [], "carried_from": []}
         for seed in seeds:
             result = final_metrics(dirs[name, seed])
             if not result:
-                kept = carried_seed(previous.get(name, {}), argv, seed)
+                kept = carried_seed(previous_rows.get(name, {}), argv, seed, previous_machine)
                 if kept is None or kept["student"] is None:
                     continue
                 row["seeds"].append(seed)
                 row["carried"].append(seed)
+                row["carried_from"].append(kept["machine"])
                 for model in ("student", "teacher"):
                     if kept[model] is not None:
                         row[model].append(kept[model])
@@ -276,8 +283,7 @@ def markdown(summary: dict[str, dict], *, percent: float, max_iter: int, machine
         f"Machine: {machine}.",
         "",
     ]
-    carried = sorted({machine for row in summary.values() if row.get("carried")
-                      for machine in row["carried_machine"].split("; ")})
+    carried = sorted({machine for row in summary.values() for machine in row.get("carried_from", [])})
     if carried:
         header += [f"Seeds marked * were measured for an earlier writing of this table and carried over, since "
                    f"their runs are not in the output folder (same command lines; measured on: "
@@ -372,22 +378,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # A row records the train.py flags of its runs, --extra's included, so that a run can tell whether it
     # trained the same recipe (engine/results.py); the seed and the fold are per run, the dataset seed per table.
-    recorded = {name: [*argv, *shlex.split(args.extra)] for name, argv in runs.items()}
     # Rows measured before and not run by this call keep their place in the table (`previous_table`).
     previous = previous_table(doc.with_suffix(".json"), percent=args.percent, max_iter=args.max_iter,
                               dataset_seed=args.dataset_seed, vary_fold=args.vary_fold)
-    previous_rows = previous.get("rows", {})
-    every = rows(args.percent, args.max_iter, ablations=True)
-    recorded = {name: recorded.get(name, [*argv, *shlex.split(args.extra)]) for name, argv in every.items()
-                if name in recorded or previous_rows.get(name, {}).get("argv") == [*argv, *shlex.split(args.extra)]}
+    every = {name: [*argv, *shlex.split(args.extra)] for name, argv in
+             rows(args.percent, args.max_iter, ablations=True).items()}
+    recorded = {name: argv for name, argv in every.items()
+                if name in runs or previous.get("rows", {}).get(name, {}).get("argv") == argv}
     dirs = {(name, seed): out / name / f"seed{seed}" for name in recorded for seed in seeds}  # finished runs win
-    summary = summarise(recorded, dirs, seeds, args.percent, previous_rows)
-    for name, row in summary.items():  # where the carried seeds were measured
-        if row["carried"]:
-            before = previous_rows[name]
-            machines = {before.get("carried_machine") if seed in before.get("carried", []) else
-                        previous.get("machine", "unknown") for seed in row["carried"]}
-            row["carried_machine"] = "; ".join(sorted(machines))
+    summary = summarise(recorded, dirs, seeds, args.percent, previous)
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, {args.jobs} run(s) at a time with {threads} torch "
                f"thread(s) each")
     text = markdown(summary, percent=args.percent, max_iter=args.max_iter, machine=machine,

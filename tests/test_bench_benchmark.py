@@ -255,10 +255,10 @@ def test_rows_whose_runs_are_gone_keep_their_seeds_from_the_previous_table(tmp_p
     benchmark.main(["--report-only", "--rows", "soft_teacher_faster_rcnn", "--max-iter", str(MAX_ITER),
                     "--out", str(tmp_path / "empty"), "--doc", str(doc)])
     rows = json.loads(doc.with_suffix(".json").read_text())["rows"]
-    assert set(rows["supervised_faster_rcnn_10pct"]["carried_machine"].split("; ")) == {"another machine",
-                                                                                     sup["carried_machine"]}
-    assert rows["supervised_faster_rcnn_100pct"]["carried_machine"] == sup["carried_machine"]
-    assert rows["soft_teacher_faster_rcnn"]["carried_machine"] == "another machine"
+    first_machine = sup["carried_from"][0]
+    assert rows["supervised_faster_rcnn_10pct"]["carried_from"] == [first_machine, first_machine, "another machine"]
+    assert rows["supervised_faster_rcnn_100pct"]["carried_from"] == [first_machine] * 3
+    assert rows["soft_teacher_faster_rcnn"]["carried_from"] == ["another machine"] * 3
     # A row measured with other flags is another recipe: not carried into a table run without them.
     benchmark.main(["--report-only", "--rows", "soft_teacher_faster_rcnn", "--max-iter", str(MAX_ITER),
                     "--out", str(later), "--doc", str(doc), "--extra", "--lr 0.05"])
