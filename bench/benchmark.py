@@ -20,10 +20,11 @@ of the whole dataset.
 Every run lives in its own folder, <out>/<row>/seed<s>/; a finished run is not run again and an interrupted
 one resumes from its last checkpoint, so the command can be repeated or extended at any time. A seed whose run
 is not in <out> (another machine ran it, or its folder was deleted) keeps the figures that <doc>.json recorded
-for it, when that file measured the same benchmark and the row the same command line; the table marks such
-rows with a * and names the machine they were measured on. So `--rows` adds rows to the table, and never
-drops the others. The table
-reports, per row, the mean +- sample std of the final AP over the seeds (student, and teacher for the
+for it, when that file measured the same benchmark and the row the same command line and recipe; the table
+marks such rows with a * and names the machine they were measured on. So `--rows` adds rows to the table, and
+never drops the others. A row records the recipe its command line makes (`config`, the run's settings that
+change what is trained): when a preset changes, a run on disk or a carried seed of the old recipe no longer
+counts for the row, and train.py no longer quotes the old figures as the new preset's. The table reports, per row, the mean +- sample std of the final AP over the seeds (student, and teacher for the
 methods), the share of the gap between the supervised runs at the headline fraction and at 100% that the
 method closes, and whether the gain over supervised training exceeds twice the pooled std (the bar a gain
 must pass to count). It writes <doc>.md, <doc>.json (what `train.py` quotes as the baseline) and a bar chart
@@ -46,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.compare import final_metrics, run_all  # noqa: E402
-from engine.config import BENCHMARK_ITERATIONS, BUILTIN_PERCENT, resolve_config  # noqa: E402
+from engine.config import BENCHMARK_ITERATIONS, BUILTIN_PERCENT, Config, resolve_config  # noqa: E402
+from engine.results import argv_config, recipe_dict, recipe_difference  # noqa: E402
 
 # The detectors each method supports, its paper's first.
 METHOD_DETECTORS = {"soft_teacher": ("faster_rcnn",), "dense_teacher": ("fcos", "retinanet"),
@@ -130,12 +132,20 @@ def previous_table(path: Path, *, percent: float, max_iter: int, dataset_seed: i
     return table if same and isinstance(table.get("rows"), dict) else {}
 
 
-def carried_seed(previous: dict, argv: list[str], seed: int, machine: str) -> dict | None:
-    """Seed `seed` of a previous table's row, if that row ran the same command line:
-    {"student": AP or None, "teacher": AP or None, "minutes": float or None, "machine": where it ran}.
-    `machine` is the previous table's; a seed that table had itself carried keeps its own."""
+def carried_seed(previous: dict, argv: list[str], seed: int, machine: str,
+                 recipe: Config | None = None) -> dict | None:
+    """Seed `seed` of a previous table's row, if that row ran the same command line and, where it recorded the
+    recipe its runs trained (`config`), the recipe that command line makes today (`recipe`; a preset may have
+    changed since): {"student": AP or None, "teacher": AP or None, "minutes": float or None, "machine": where it
+    ran}. `machine` is the previous table's; a seed that table had itself carried keeps its own."""
     if previous.get("argv") != argv or seed not in previous.get("seeds", []):
         return None
+    if recipe is not None and "config" in previous:
+        try:
+            if recipe_difference(Config.from_dict(previous["config"]), recipe) is not None:
+                return None
+        except (ValueError, TypeError):  # settings that no longer make a Config: another recipe
+            return None
     i = previous["seeds"].index(seed)
 
     def at(key: str):
@@ -147,24 +157,47 @@ def carried_seed(previous: dict, argv: list[str], seed: int, machine: str) -> di
     return {"student": at("student"), "teacher": at("teacher"), "minutes": at("minutes"), "machine": machine}
 
 
+def run_recipe_difference(run_dir: Path, recipe: Config, ignore: tuple[str, ...] = ()) -> str | None:
+    """How the run in `run_dir` (its config.json) trained another recipe than `recipe`, in `recipe_difference`'s
+    words (the run's value first), or None when it trained the same one."""
+    try:
+        trained = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, TypeError) as error:
+        return f"its config.json does not make a Config ({error})"
+    return recipe_difference(trained, recipe, ignore)
+
+
 def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], seeds: list[int],
-              percent: float, previous: dict | None = None) -> dict[str, dict]:
+              percent: float, previous: dict | None = None, recipes: dict[str, Config | str] | None = None,
+              vary_fold: bool = False) -> dict[str, dict]:
     """Per row: {"detector", "method", "percent", "seeds", "student": [AP...], "teacher": [AP...], ...stats}.
 
-    A seed whose run is not under the output folder takes its figures from `previous` (the table written
-    before, `previous_table`) when that row ran the same command line; its row lists it in "carried" and the
-    machine that measured it at the same place of "carried_from"."""
-    summary, previous = {}, previous or {}
+    `recipes` holds the Config each row's command line makes today (`engine.results.argv_config`). A finished run
+    that trained another one (its config.json; e.g. a preset changed since it ran) is not counted, and the
+    row records the recipe as "config". A seed whose run is not under the output folder takes its figures
+    from `previous` (the table written before, `previous_table`) when that row ran the same command line and
+    recipe; its row lists it in "carried" and the machine that measured it at the same place of
+    "carried_from"."""
+    summary, previous, recipes = {}, previous or {}, recipes or {}
     previous_rows, previous_machine = previous.get("rows", {}), previous.get("machine", "unknown")
     for name, argv in runs.items():
         method, detector = argv[argv.index("--method") + 1], argv[argv.index("--detector") + 1]
         row_percent = float(argv[argv.index("--percent") + 1])
+        recipe = recipes.get(name) if isinstance(recipes.get(name), Config) else None
         row = {"method": method, "detector": detector, "percent": row_percent, "argv": argv,
                "seeds": [], "student": [], "teacher": [], "minutes": [], "carried": [], "carried_from": []}
+        if recipe is not None:
+            row["config"] = recipe_dict(recipe)
         for seed in seeds:
             result = final_metrics(dirs[name, seed])
+            if result and recipe is not None:  # with --vary-fold each seed trained its own fold
+                difference = run_recipe_difference(dirs[name, seed], recipe, ("fold",) if vary_fold else ())
+                if difference is not None:
+                    print(f"bench/benchmark.py: {dirs[name, seed]} trained another recipe than row {name}'s "
+                          f"command line makes now ({difference}); not counted")
+                    result = None
             if not result:
-                kept = carried_seed(previous_rows.get(name, {}), argv, seed, previous_machine)
+                kept = carried_seed(previous_rows.get(name, {}), argv, seed, previous_machine, recipe)
                 if kept is None or kept["student"] is None:
                     continue
                 row["seeds"].append(seed)
@@ -386,7 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     recorded = {name: argv for name, argv in every.items()
                 if name in runs or previous.get("rows", {}).get(name, {}).get("argv") == argv}
     dirs = {(name, seed): out / name / f"seed{seed}" for name in recorded for seed in seeds}  # finished runs win
-    summary = summarise(recorded, dirs, seeds, args.percent, previous)
+    recipes = {name: argv_config(argv, args.dataset_seed) for name, argv in recorded.items()}
+    summary = summarise(recorded, dirs, seeds, args.percent, previous, recipes, args.vary_fold)
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, {args.jobs} run(s) at a time with {threads} torch "
                f"thread(s) each")
     text = markdown(summary, percent=args.percent, max_iter=args.max_iter, machine=machine,

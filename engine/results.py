@@ -16,8 +16,11 @@ the gap that the method closes. A row that records no `argv` (a table
 written before rows stored them), or whose `argv` no longer parses, is not quoted; so is every row of a run
 that differs from the benchmark in its recipe, and `table_references` says where (e.g. "lr: 0.05 vs 0.02").
 
-The argv pins the flags, not the presets they apply to: a table measured before a preset changed is quoted
-against the changed preset until bench/benchmark.py writes it again.
+The argv pins the flags, not the presets they apply to, so each row also records the recipe its runs trained
+(`config`: every setting of their Config outside RECIPE_EXEMPT), and a run is compared with that. A preset that
+changes after the table was written therefore stops the row from being quoted, instead of quoting figures of
+the old preset as the new one's. A row written before rows recorded their config is rebuilt from its argv
+against today's presets.
 """
 
 import contextlib
@@ -87,14 +90,15 @@ def load_results(path: str | Path = RESULTS_JSON) -> dict | None:
         return None
 
 
-def row_config(results: dict, row: dict) -> Config | str:
-    """The Config a row's runs trained with (their seed aside), or why it cannot be rebuilt."""
-    argv = row.get("argv")
-    if not isinstance(argv, list) or not all(isinstance(arg, str) for arg in argv):
-        return "the table's rows do not record their command line (written before bench/benchmark.py stored it)"
-    if results.get("vary_fold"):
-        return "the table's seeds each trained on another labeled split (bench/benchmark.py --vary-fold)"
-    dataset_seed = results.get("dataset_seed", 0)  # the benchmark passes it to every run besides argv
+def recipe_dict(cfg: Config) -> dict:
+    """cfg's settings that change what is trained (every field outside RECIPE_EXEMPT): what a table row records
+    as `config`, and `Config.from_dict` rebuilds (the exempt fields at their defaults)."""
+    return {name: value for name, value in cfg.to_dict().items() if name not in RECIPE_EXEMPT}
+
+
+def argv_config(argv: list[str], dataset_seed: int = 0) -> Config | str:
+    """The Config that train.py builds today from a row's arguments (the benchmark adds the dataset's generator
+    seed to every run besides them), or why they no longer parse."""
     extra = ["--builtin-spec", f"seed={dataset_seed}"] if dataset_seed else []
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage text
@@ -102,6 +106,22 @@ def row_config(results: dict, row: dict) -> Config | str:
     except (ValueError, TypeError, SystemExit) as error:  # argparse exits on a flag it does not know
         detail = "arguments train.py does not take" if isinstance(error, SystemExit) else error
         return f"a row's command line no longer parses ({detail})"
+
+
+def row_config(results: dict, row: dict) -> Config | str:
+    """The Config a row's runs trained with (their seed aside), or why it cannot be rebuilt: the recipe the row
+    recorded (`config`), or for a row written before rows recorded it, its argv parsed against today's presets."""
+    if results.get("vary_fold"):
+        return "the table's seeds each trained on another labeled split (bench/benchmark.py --vary-fold)"
+    if "config" in row:
+        try:
+            return Config.from_dict(row["config"])
+        except (ValueError, TypeError) as error:
+            return f"a row's recorded settings no longer make a Config ({error})"
+    argv = row.get("argv")
+    if not isinstance(argv, list) or not all(isinstance(arg, str) for arg in argv):
+        return "the table's rows do not record their command line (written before bench/benchmark.py stored it)"
+    return argv_config(argv, results.get("dataset_seed", 0))
 
 
 def _recipe_value(cfg: Config, name: str):

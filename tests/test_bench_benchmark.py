@@ -6,6 +6,7 @@ import math
 import pytest
 
 from bench import benchmark
+from engine import config as config_module
 from engine import results as results_module
 from engine.config import parse_config
 from tests.test_bench_compare import finished_run
@@ -13,10 +14,13 @@ from tests.test_bench_compare import finished_run
 MAX_ITER = 40
 
 
-def fill(out, name, aps, teacher=None):
+def fill(out, name, aps, teacher=None, max_iter=MAX_ITER, flags=()):
+    """Finished runs of row `name`, one per AP, each with the config.json its command line (and `flags`) makes."""
+    argv = benchmark.rows(10.0, max_iter, ablations=True)[name]
     for seed, ap in enumerate(aps):
-        finished_run(out / name / f"seed{seed}", max_iter=MAX_ITER, student_ap=ap,
-                     teacher_ap=None if teacher is None else teacher[seed])
+        config = parse_config([*argv, *flags, "--seed", str(seed)]).to_dict()
+        finished_run(out / name / f"seed{seed}", max_iter=max_iter, student_ap=ap,
+                     teacher_ap=None if teacher is None else teacher[seed], config=config)
 
 
 def test_every_row_is_listed_with_its_seed_and_the_methods_schedule(capsys):
@@ -208,8 +212,8 @@ def test_the_main_job_quotes_every_row_of_the_repository_table():
 def test_the_table_records_extra_flags_and_split_folds(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "run_all", lambda *a, **k: pytest.fail("--report-only ran something"))
     out, doc = tmp_path / "runs", tmp_path / "docs" / "RESULTS"
-    fill(out, "supervised_faster_rcnn_10pct", [0.30, 0.32, 0.34])
-    fill(out, "supervised_faster_rcnn_100pct", [0.50, 0.50, 0.50])
+    fill(out, "supervised_faster_rcnn_10pct", [0.30, 0.32, 0.34], max_iter=800, flags=["--lr", "0.05"])
+    fill(out, "supervised_faster_rcnn_100pct", [0.50, 0.50, 0.50], max_iter=800, flags=["--lr", "0.05"])
     benchmark.main(["--report-only", "--rows", "supervised_faster_rcnn", "--max-iter", "800", "--out", str(out),
                     "--doc", str(doc), "--extra", "--lr 0.05"])
     path = doc.with_suffix(".json")
@@ -234,7 +238,8 @@ def test_rows_whose_runs_are_gone_keep_their_seeds_from_the_previous_table(tmp_p
                     "--out", str(first), "--doc", str(doc)])
     # Another folder holds the method's runs and one more run of the 10% row (seed 2, now at 36).
     fill(later, "soft_teacher_faster_rcnn", [0.38, 0.40, 0.42], teacher=[0.40, 0.42, 0.44])
-    finished_run(later / "supervised_faster_rcnn_10pct" / "seed2", max_iter=MAX_ITER, student_ap=0.36)
+    fill(later, "supervised_faster_rcnn_10pct", [0.36])
+    (later / "supervised_faster_rcnn_10pct" / "seed0").rename(later / "supervised_faster_rcnn_10pct" / "seed2")
     benchmark.main(["--report-only", "--rows", "soft_teacher_faster_rcnn", "--max-iter", str(MAX_ITER),
                     "--out", str(later), "--doc", str(doc)])
     rows = json.loads(doc.with_suffix(".json").read_text())["rows"]
@@ -268,3 +273,50 @@ def test_rows_whose_runs_are_gone_keep_their_seeds_from_the_previous_table(tmp_p
     benchmark.main(["--report-only", "--rows", "soft_teacher_faster_rcnn", "--max-iter", str(MAX_ITER + 1),
                     "--out", str(later), "--doc", str(doc)])
     assert set(json.loads(doc.with_suffix(".json").read_text())["rows"]) == {"soft_teacher_faster_rcnn"}
+
+
+def test_a_preset_changed_since_a_run_or_a_table_is_another_recipe(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "run_all", lambda *a, **k: pytest.fail("--report-only ran something"))
+    out, doc = tmp_path / "runs", tmp_path / "RESULTS"
+    fill(out, "supervised_fcos_10pct", [0.30, 0.32, 0.34])
+    fill(out, "supervised_fcos_100pct", [0.50, 0.50, 0.50])
+    benchmark.main(["--report-only", "--rows", "supervised_fcos", "--max-iter", str(MAX_ITER), "--out", str(out),
+                    "--doc", str(doc)])
+    rows = json.loads(doc.with_suffix(".json").read_text())["rows"]
+    recorded = rows["supervised_fcos_10pct"]["config"]
+    assert recorded["train_sizes"] == parse_config(rows["supervised_fcos_10pct"]["argv"]).train_sizes
+    assert "seed" not in recorded and "output_dir" not in recorded  # the recipe only
+    # train.py quotes the row for a run of that recipe.
+    supervised = ["--method", "supervised", "--detector", "fcos", "--max-iter", str(MAX_ITER)]
+    assert quoted(supervised, doc.with_suffix(".json")) == {"supervised", "full"}
+
+    # The preset changes afterwards (here: one training scale for FCOS), so the same command lines make another
+    # recipe: neither the runs on disk nor the figures the table recorded count for it any more.
+    real_preset = config_module.builtin_preset
+
+    def one_scale(method, detector, max_iter):
+        cfg = real_preset(method, detector, max_iter)
+        if detector == "fcos":
+            cfg.train_sizes = [128]
+        return cfg
+    monkeypatch.setattr(config_module, "builtin_preset", one_scale)
+    benchmark.main(["--report-only", "--rows", "supervised_fcos", "--max-iter", str(MAX_ITER), "--out", str(out),
+                    "--doc", str(doc)])
+    rows = json.loads(doc.with_suffix(".json").read_text())["rows"]
+    assert rows["supervised_fcos_10pct"]["seeds"] == [] and rows["supervised_fcos_100pct"]["seeds"] == []
+    assert rows["supervised_fcos_10pct"]["config"]["train_sizes"] == [128]
+    benchmark.main(["--report-only", "--rows", "supervised_fcos", "--max-iter", str(MAX_ITER), "--out",
+                    str(tmp_path / "empty"), "--doc", str(doc)])
+    assert json.loads(doc.with_suffix(".json").read_text())["rows"]["supervised_fcos_10pct"]["seeds"] == []
+
+    # A table written before the change is not quoted for a run of the new preset: the row's recorded recipe
+    # is compared, not its command line parsed against today's presets.
+    monkeypatch.undo()
+    fill(tmp_path / "old", "supervised_fcos_10pct", [0.30, 0.32, 0.34])
+    fill(tmp_path / "old", "supervised_fcos_100pct", [0.50, 0.50, 0.50])
+    old_doc = tmp_path / "OLD"
+    benchmark.main(["--report-only", "--rows", "supervised_fcos", "--max-iter", str(MAX_ITER), "--out",
+                    str(tmp_path / "old"), "--doc", str(old_doc)])
+    monkeypatch.setattr(config_module, "builtin_preset", one_scale)
+    table = results_module.table_references(parse_config(supervised), old_doc.with_suffix(".json"))
+    assert table.references == {} and "train_sizes: [128] vs [96, 112, 128, 144, 160]" in table.not_quoted["supervised"]

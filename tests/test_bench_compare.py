@@ -8,10 +8,12 @@ import pytest
 from bench import compare
 
 
-def finished_run(folder: Path, *, max_iter: int, student_ap: float, teacher_ap: float | None = None) -> None:
-    """A run folder whose metrics.jsonl holds its final evaluation, as train.py leaves it."""
+def finished_run(folder: Path, *, max_iter: int, student_ap: float, teacher_ap: float | None = None,
+                 config: dict | None = None) -> None:
+    """A run folder whose metrics.jsonl holds its final evaluation, as train.py leaves it; its config.json holds
+    `config` (a Config's to_dict()) or only max_iter."""
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"max_iter": max_iter}))
+    (folder / "config.json").write_text(json.dumps(config or {"max_iter": max_iter}))
     rows = [{"iteration": max_iter, "loss": 1.0},
             {"iteration": max_iter, "eval": "student", "AP": student_ap, "AP50": 0.5, "AP75": 0.1}]
     if teacher_ap is not None:
