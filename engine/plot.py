@@ -2,12 +2,15 @@
 
     python -m engine.plot runs/soft_teacher_faster_rcnn_10pct --out curves.png
     python -m engine.plot runs/supervised_fcos_10pct runs/dense_teacher_fcos_10pct runs/sed_fcos_10pct --out cmp.png
+    python -m engine.plot runs/supervised_fcos_10pct runs/dense_teacher_fcos_10pct --table   # AP per evaluation
 
 Each RUN_DIR holds the run's metrics.jsonl (engine/logger.py). The figure has one panel per curve, each run in
 its own colour: the total loss and every loss term (unweighted, as logged), the learning rate, the pseudo-labels'
 precision and recall against the hidden annotations (methods that make pseudo-boxes), the AP of the teacher
 (solid) and the student (dashed) at every evaluation, and a bar chart of the last evaluation's AP, AP50 and AP75
-of each run (its teacher when it has one). Detections and pseudo-labels are drawn as pictures elsewhere:
+of each run (its teacher when it has one). `--table` prints the AP of every evaluation instead, teacher and student
+side by side (no matplotlib needed): whether a teacher leads its student, and when a method parts from its
+baseline, read off one table. Detections and pseudo-labels are drawn as pictures elsewhere:
 `python evaluate.py RUN/last.pth --vis 8` and train.py's `--draw-period`.
 """
 
@@ -159,12 +162,34 @@ def _final_bars(ax, runs: list[Run], colours: list[str]) -> None:
     ax.legend(fontsize=7)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def ap_table(runs: list[Run], labels: list[str] | None = None) -> str:
+    """AP (%) of every evaluation of each run, as a markdown table: a row per run and model (teacher first), a
+    column per evaluated iteration, "-" where that run and model has no evaluation. `labels` name the runs
+    (default: their names)."""
+    labels = labels or [run.name for run in runs]
+    iterations = sorted({int(record["iteration"]) for run in runs for record in run.evals})
+    lines = ["| run | model | " + " | ".join(str(i) for i in iterations) + " |",
+             "| --- | --- |" + " --- |" * len(iterations)]
+    for run, label in zip(runs, labels):
+        for model in ("teacher", "student"):
+            ap = {int(r["iteration"]): 100 * float(r["AP"]) for r in run.evals if r["eval"] == model and "AP" in r}
+            if ap:
+                cells = [f"{ap[i]:.1f}" if i in ap else "-" for i in iterations]
+                lines.append(f"| {label} | {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (or metrics.jsonl files)")
     parser.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
     parser.add_argument("--smooth", type=int, default=1, help="moving average over this many logged points")
+    parser.add_argument("--table", action="store_true",
+                        help="print the AP of every evaluation as a markdown table instead of drawing")
     args = parser.parse_args(argv)
+    if args.table:
+        print(ap_table([load_run(path) for path in args.runs], labels=args.runs))
+        return None
     out = plot_runs([load_run(path) for path in args.runs], args.out, smooth=args.smooth)
     print(f"wrote {out}")
     return out

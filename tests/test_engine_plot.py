@@ -6,7 +6,7 @@ import sys
 import pytest
 from PIL import Image
 
-from engine.plot import final_metrics, load_run, loss_keys, main
+from engine.plot import ap_table, final_metrics, load_run, loss_keys, main
 
 
 def write_run(run_dir, *, method: bool, final_ap: float):
@@ -56,3 +56,18 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
     with pytest.raises(ImportError, match="pip install matplotlib"):
         main([str(tmp_path / "sup"), "--out", str(tmp_path / "curves.png")])
+
+
+def test_the_ap_table_puts_teacher_and_student_of_every_evaluation_side_by_side(tmp_path, capsys):
+    write_run(tmp_path / "sup", method=False, final_ap=0.2)
+    write_run(tmp_path / "semi", method=True, final_ap=0.3)
+    text = ap_table([load_run(tmp_path / "sup"), load_run(tmp_path / "semi")], labels=["a", "b"])
+    assert text.splitlines() == ["| run | model | 20 | 40 |", "| --- | --- | --- | --- |",
+                                 "| a | student | 10.0 | 20.0 |", "| b | teacher | 15.0 | 30.0 |",
+                                 "| b | student | 15.0 | 30.0 |"]
+    # A run that evaluated at other iterations gets "-" where it has none; --table draws nothing.
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "metrics.jsonl").write_text(json.dumps({"iteration": 60, "eval": "student", "AP": 0.5}))
+    assert main([str(tmp_path / "sup"), str(tmp_path / "late"), "--table", "--out", str(tmp_path / "x.png")]) is None
+    out = capsys.readouterr().out
+    assert f"| {tmp_path / 'late'} | student | - | - | 50.0 |" in out and not (tmp_path / "x.png").exists()
