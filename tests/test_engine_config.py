@@ -31,7 +31,7 @@ def test_builtin_schedules_scale_with_max_iter():
     long = parse_config(["--method", "soft_teacher", "--max-iter", "2000"])
     assert (long.method_args["burn_in"], long.method_args["ramp"]) == (500, 100)
     dense = parse_config(["--method", "dense_teacher", "--max-iter", "2000"]).method_args
-    assert (dense["teacher_init"], dense["burn_in"], dense["ramp"]) == (500, 500, 100)
+    assert (dense["teacher_init"], dense["burn_in"], dense["ramp"]) == (1000, 1000, 100)  # half the run
     # A setting given on the command line wins over the scaled one.
     mine = parse_config(["--method", "soft_teacher", "--max-iter", "2000", "--method-args", "burn_in=10"])
     assert mine.method_args["burn_in"] == 10 and mine.method_args["ramp"] == 100
