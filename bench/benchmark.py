@@ -24,12 +24,13 @@ for it, when that file measured the same benchmark and the row the same command 
 marks such rows with a * and names the machine they were measured on. So `--rows` adds rows to the table, and
 never drops the others. A row records the recipe its command line makes (`config`, the run's settings that
 change what is trained): when a preset changes, a run on disk or a carried seed of the old recipe no longer
-counts for the row, and train.py no longer quotes the old figures as the new preset's. The table reports, per row, the mean +- sample std of the final AP over the seeds (student, and teacher for the
-methods), the share of the gap between the supervised runs at the headline fraction and at 100% that the
-method closes, and whether the gain over supervised training exceeds twice the pooled std (the bar a gain
-must pass to count). It writes <doc>.md, <doc>.json (what `train.py` quotes as the baseline) and a bar chart
-with error bars, <doc>.png (with matplotlib installed). With --ablations, a second table gives each ablation's
-teacher AP against its method's full row, by the same two-std rule.
+counts for the row, and train.py no longer quotes the old figures as the new preset's. The table reports, per
+row, the mean +- sample std of the final AP over the seeds (student, and teacher for the methods), the share
+of the gap between the supervised runs at the headline fraction and at 100% that the method closes, and
+whether the gain over supervised training exceeds twice the pooled std (the bar a gain must pass to count). It
+writes <doc>.md, <doc>.json (what `train.py` quotes as the baseline) and a bar chart with error bars,
+<doc>.png (with matplotlib installed). With --ablations, a second table gives each ablation's teacher AP
+against its method's full row, by the same two-std rule.
 """
 
 import argparse
