@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.compare import final_metrics, run_all  # noqa: E402
 from engine.config import BENCHMARK_ITERATIONS, BUILTIN_PERCENT, Config, resolve_config  # noqa: E402
-from engine.results import argv_config, recipe_dict, recipe_difference  # noqa: E402
+from engine.results import argv_config, recipe_dict, recipe_difference, recorded_config  # noqa: E402
 
 # The detectors each method supports, its paper's first.
 METHOD_DETECTORS = {"soft_teacher": ("faster_rcnn",), "dense_teacher": ("fcos", "retinanet"),
@@ -142,10 +142,8 @@ def carried_seed(previous: dict, argv: list[str], seed: int, machine: str,
     if previous.get("argv") != argv or seed not in previous.get("seeds", []):
         return None
     if recipe is not None and "config" in previous:
-        try:
-            if recipe_difference(Config.from_dict(previous["config"]), recipe) is not None:
-                return None
-        except (ValueError, TypeError):  # settings that no longer make a Config: another recipe
+        recorded = recorded_config(previous["config"])  # settings that no longer make a Config: another recipe
+        if isinstance(recorded, str) or recipe_difference(recorded, recipe) is not None:
             return None
     i = previous["seeds"].index(seed)
 
@@ -162,10 +160,10 @@ def run_recipe_difference(run_dir: Path, recipe: Config, ignore: tuple[str, ...]
     """How the run in `run_dir` (its config.json) trained another recipe than `recipe`, in `recipe_difference`'s
     words (the run's value first), or None when it trained the same one."""
     try:
-        trained = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
-    except (OSError, ValueError, TypeError) as error:
-        return f"its config.json does not make a Config ({error})"
-    return recipe_difference(trained, recipe, ignore)
+        trained = recorded_config(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError) as error:  # unreadable, or not JSON
+        return f"its config.json cannot be read ({error})"
+    return trained if isinstance(trained, str) else recipe_difference(trained, recipe, ignore)
 
 
 def summarise(runs: dict[str, list[str]], dirs: dict[tuple[str, int], Path], seeds: list[int],

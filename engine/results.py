@@ -96,6 +96,14 @@ def recipe_dict(cfg: Config) -> dict:
     return {name: value for name, value in cfg.to_dict().items() if name not in RECIPE_EXEMPT}
 
 
+def recorded_config(values) -> Config | str:
+    """The Config of recorded settings (a row's `config`, a run's config.json), or why they no longer make one."""
+    try:
+        return Config.from_dict(values)
+    except (ValueError, TypeError, AttributeError) as error:  # unknown or mistyped settings, or not a dict
+        return f"the recorded settings no longer make a Config ({error})"
+
+
 def argv_config(argv: list[str], dataset_seed: int = 0) -> Config | str:
     """The Config that train.py builds today from a row's arguments (the benchmark adds the dataset's generator
     seed to every run besides them), or why they no longer parse."""
@@ -114,10 +122,7 @@ def row_config(results: dict, row: dict) -> Config | str:
     if results.get("vary_fold"):
         return "the table's seeds each trained on another labeled split (bench/benchmark.py --vary-fold)"
     if "config" in row:
-        try:
-            return Config.from_dict(row["config"])
-        except (ValueError, TypeError) as error:
-            return f"a row's recorded settings no longer make a Config ({error})"
+        return recorded_config(row["config"])
     argv = row.get("argv")
     if not isinstance(argv, list) or not all(isinstance(arg, str) for arg in argv):
         return "the table's rows do not record their command line (written before bench/benchmark.py stored it)"
